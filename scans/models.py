@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import uuid
+from pathlib import PurePosixPath
+
+from django.conf import settings
+from django.db import models
+
+
+def scan_upload_path(instance: "Scan", filename: str) -> str:
+    """Stored under a generated name; the client's name is kept only as text."""
+    suffix = PurePosixPath(filename).suffix.lower()[:8]
+    return f"scans/{uuid.uuid4().hex}{suffix}"
+
+
+class Scan(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PROCESSING = "processing"
+        DONE = "done"
+        DONE_WITH_ERRORS = "done_with_errors", "Done with errors"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    FINISHED = (Status.DONE, Status.DONE_WITH_ERRORS, Status.FAILED, Status.CANCELLED)
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="scans")
+    file = models.FileField(upload_to=scan_upload_path)
+    original_filename = models.CharField(max_length=255)
+    content_type = models.CharField(max_length=100)
+    size = models.BigIntegerField()
+    sha256 = models.CharField(max_length=64, db_index=True)
+    page_count = models.PositiveIntegerField()
+    has_text_layer = models.BooleanField(default=False)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    priority = models.SmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    engine = models.CharField(max_length=20, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    # Per-scan overrides of the effective OCR options (e.g. from `manage.py ocr --prompt olmocr`).
+    options = models.JSONField(default=dict, blank=True)
+    worker_id = models.CharField(max_length=100, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "-priority", "created_at"], name="scan_queue_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.original_filename} (#{self.pk})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in self.FINISHED
+
+
+class Page(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    scan = models.ForeignKey(Scan, on_delete=models.CASCADE, related_name="pages")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING, db_index=True)
+    text = models.TextField(blank=True)
+    fallback = models.BooleanField(default=False)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    finish_reason = models.CharField(max_length=30, blank=True)
+    # Parsed per-page metadata, e.g. olmOCR's front matter (primary_language, rotation, is_table ...).
+    metadata = models.JSONField(default=dict, blank=True)
+    worker_id = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["scan", "number"]
+        constraints = [models.UniqueConstraint(fields=["scan", "number"], name="unique_page_number")]
+
+    def __str__(self) -> str:
+        return f"{self.scan_id} p{self.number}"

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+
+
+class Mode(models.TextChoices):
+    LOCAL = "local", "Local (ocrsite runs vllm serve)"
+    EXTERNAL = "external", "External (an OpenAI-compatible server)"
+    BUILTIN = "builtin", "Built-in (CPU)"
+
+
+class PromptPreset(models.TextChoices):
+    MARKDOWN = "markdown", "Markdown (instruct VLMs such as Qwen3-VL)"
+    OLMOCR = "olmocr", "olmOCR (YAML front matter)"
+    CUSTOM = "custom", "Custom prompt"
+
+
+class ImageFormat(models.TextChoices):
+    PNG = "png", "PNG"
+    JPEG = "jpeg", "JPEG"
+
+
+class VLMSettings(models.Model):
+    """The one settings row. Blank/null fields mean "use the environment default"
+    (see vllm_control.config.resolve_config, the only reader of these fields)."""
+
+    mode = models.CharField(max_length=10, choices=Mode.choices, blank=True)
+    model = models.CharField(max_length=200, blank=True, help_text=f"Default: {DEFAULT_MODEL}")
+    served_model_name = models.CharField(max_length=200, blank=True, help_text="Default: the model id")
+
+    # Local runner (`vllm serve`)
+    host = models.CharField(max_length=100, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)])
+    protocol = models.CharField(max_length=5, blank=True, choices=[("http", "http"), ("https", "https")])
+    base_url = models.CharField(max_length=300, blank=True)
+    serve_args = models.TextField(blank=True)
+    stop_signal = models.CharField(max_length=10, blank=True)
+    stop_grace_ms = models.PositiveIntegerField(null=True, blank=True)
+    start_timeout_s = models.PositiveIntegerField(default=900, validators=[MinValueValidator(1)])
+    health_check_interval_s = models.PositiveIntegerField(default=10, validators=[MinValueValidator(1)])
+    max_restart_attempts = models.PositiveIntegerField(default=10)
+    restart_delay_s = models.PositiveIntegerField(default=10)
+    gpu_memory_utilization = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.05), MaxValueValidator(1.0)]
+    )
+    max_model_len = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(256)])
+    tensor_parallel_size = models.PositiveSmallIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    data_parallel_size = models.PositiveSmallIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    autostart = models.BooleanField(default=True)
+    hf_token = models.CharField(max_length=200, blank=True)
+    local_api_key = models.CharField(max_length=200, blank=True)
+
+    # External server
+    external_base_url = models.CharField(max_length=300, blank=True)
+    external_api_key = models.CharField(max_length=200, blank=True)
+
+    # OCR options
+    prompt_preset = models.CharField(max_length=10, choices=PromptPreset.choices, default=PromptPreset.MARKDOWN)
+    custom_prompt = models.TextField(blank=True)
+    target_longest_side = models.PositiveIntegerField(
+        default=1288, validators=[MinValueValidator(256), MaxValueValidator(4096)]
+    )
+    image_format = models.CharField(max_length=4, choices=ImageFormat.choices, default=ImageFormat.PNG)
+    max_tokens = models.PositiveIntegerField(default=4096, validators=[MinValueValidator(16)])
+    temperature = models.FloatField(default=0.0, validators=[MinValueValidator(0.0), MaxValueValidator(2.0)])
+    page_retries = models.PositiveSmallIntegerField(default=3, validators=[MaxValueValidator(20)])
+    max_in_flight = models.PositiveSmallIntegerField(
+        default=16, validators=[MinValueValidator(1), MaxValueValidator(512)]
+    )
+    request_timeout_s = models.PositiveIntegerField(default=300, validators=[MinValueValidator(1)])
+
+    updated_at = models.DateTimeField(auto_now=True)
+
+    SECRET_FIELDS = ("hf_token", "local_api_key", "external_api_key")
+
+    class Meta:
+        verbose_name = "VLM settings"
+        verbose_name_plural = "VLM settings"
+
+    def __str__(self) -> str:
+        return "VLM settings"
+
+    def save(self, *args, **kwargs) -> None:
+        self.pk = 1
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):  # the singleton is never deleted
+        return 0, {}
+
+    @classmethod
+    def load(cls) -> "VLMSettings":
+        settings, _ = cls.objects.get_or_create(pk=1)
+        return settings
