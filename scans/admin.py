@@ -1,0 +1,40 @@
+from django.contrib import admin
+
+from scans.models import Page, Scan
+
+PAGE_FIELDS = (
+    "number", "status", "attempts", "fallback", "finish_reason", "latency_ms",
+    "input_tokens", "output_tokens", "error", "started_at", "finished_at",
+)
+
+
+class PageInline(admin.TabularInline):
+    model = Page
+    fields = PAGE_FIELDS
+    readonly_fields = PAGE_FIELDS
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Scan)
+class ScanAdmin(admin.ModelAdmin):
+    list_display = ("id", "original_filename", "owner", "status", "page_count", "engine", "model", "created_at")
+    list_filter = ("status", "content_type", "engine")
+    search_fields = ("original_filename", "sha256", "owner__username")
+    readonly_fields = (
+        "file", "content_type", "size", "sha256", "page_count", "has_text_layer", "worker_id", "heartbeat_at",
+        "created_at", "started_at", "finished_at", "input_tokens", "output_tokens",
+    )
+    inlines = [PageInline]
+
+
+@admin.register(Page)
+class PageAdmin(admin.ModelAdmin):
+    list_display = ("scan", "number", "status", "attempts", "fallback", "latency_ms", "finish_reason")
+    list_filter = ("status", "fallback", "finish_reason")
+    search_fields = ("scan__original_filename", "text")
+    readonly_fields = ("scan", "number", "worker_id", "started_at", "finished_at")

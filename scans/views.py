@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Q
+from django.http import FileResponse, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils.http import content_disposition_header
+from django.views.decorators.http import require_POST
+
+from scans import exports, services
+from scans.access import get_visible_scan, visible_scans
+from scans.models import Page
+from scans.uploads import SUPPORTED, UploadRejected, create_scan_from_upload
+
+ACCEPT = "application/pdf,image/png,image/jpeg,image/tiff,image/webp,.pdf,.png,.jpg,.jpeg,.tif,.tiff,.webp"
+
+
+@login_required
+def scan_list(request: HttpRequest) -> HttpResponse:
+    scans = visible_scans(request.user).select_related("owner").annotate(
+        pages_done=Count("pages", filter=Q(pages__status=Page.Status.DONE)),
+        pages_failed=Count("pages", filter=Q(pages__status=Page.Status.FAILED)),
+    )
+    return render(request, "scans/list.html", {"scans": scans[:500]})
+
+
+@login_required
+def upload(request: HttpRequest) -> HttpResponse:
+    if request.method == "POST":
+        files = request.FILES.getlist("files")
+        if not files:
+            messages.error(request, "Choose at least one file to upload.")
+        created = []
+        for uploaded in files:
+            try:
+                created.append(create_scan_from_upload(owner=request.user, uploaded_file=uploaded))
+            except UploadRejected as exc:
+                messages.error(request, f"{uploaded.name}: {exc}")
+        if created:
+            names = ", ".join(f"{scan.original_filename} ({scan.page_count} pages)" for scan in created)
+            messages.success(request, f"Queued {names}.")
+        if created and len(created) == len(files):
+            return redirect("scans:detail", scan_id=created[0].pk) if len(created) == 1 else redirect("scans:list")
+    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED})
+
+
+@login_required
+def scan_detail(request: HttpRequest, scan_id: int) -> HttpResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    pages = list(scan.pages.all())
+    counts = {status: sum(1 for page in pages if page.status == status) for status in Page.Status.values}
+    return render(
+        request,
+        "scans/detail.html",
+        {"scan": scan, "pages": pages, "counts": counts, "fallback_count": sum(p.fallback for p in pages)},
+    )
+
+
+EXPORTS = {
+    "md": ("text/markdown; charset=utf-8", exports.export_markdown),
+    "txt": ("text/plain; charset=utf-8", exports.export_text),
+    "json": ("application/json", lambda scan: json.dumps(exports.export_json(scan), ensure_ascii=False, indent=2)),
+}
+
+
+@login_required
+def download(request: HttpRequest, scan_id: int, fmt: str) -> HttpResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    content_type, export = EXPORTS[fmt]
+    response = HttpResponse(export(scan), content_type=content_type)
+    stem = scan.original_filename.rsplit(".", 1)[0] or f"scan-{scan.pk}"
+    response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=f"{stem}.{fmt}")
+    return response
+
+
+@login_required
+def original_file(request: HttpRequest, scan_id: int) -> FileResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    return FileResponse(scan.file.open("rb"), as_attachment=True, filename=scan.original_filename, content_type=scan.content_type)
+
+
+@login_required
+@require_POST
+def cancel(request: HttpRequest, scan_id: int) -> HttpResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    if services.cancel_scan(scan=scan):
+        messages.info(request, f"Cancelled {scan.original_filename}.")
+    return redirect("scans:detail", scan_id=scan.pk)
+
+
+@login_required
+@require_POST
+def retry(request: HttpRequest, scan_id: int) -> HttpResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    count = services.retry_failed_pages(scan=scan)
+    messages.info(request, f"Retrying {count} page(s)." if count else "There are no failed pages to retry.")
+    return redirect("scans:detail", scan_id=scan.pk)
+
+
+@login_required
+@require_POST
+def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
+    scan = get_visible_scan(request.user, scan_id)
+    name = scan.original_filename
+    services.delete_scan(scan=scan)
+    messages.info(request, f"Deleted {name}.")
+    return redirect("scans:list")

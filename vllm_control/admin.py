@@ -1,0 +1,21 @@
+from django.contrib import admin
+from django.http import HttpRequest
+
+from vllm_control.forms import SECTIONS, VLMSettingsForm
+from vllm_control.models import VLMSettings
+
+
+@admin.register(VLMSettings)
+class VLMSettingsAdmin(admin.ModelAdmin):
+    form = VLMSettingsForm
+    fieldsets = [
+        (title, {"fields": [*names, *(f"clear_{n}" for n in names if n in VLMSettings.SECRET_FIELDS)]})
+        for title, names in SECTIONS.items()
+    ]
+    list_display = ("__str__", "mode", "model", "updated_at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not VLMSettings.objects.exists()
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False

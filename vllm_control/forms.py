@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import shlex
+from urllib.parse import urlsplit
+
+from django import forms
+from django.core.exceptions import ImproperlyConfigured
+
+from vllm_control.config import normalize_base_url, parse_signal
+from vllm_control.models import VLMSettings
+
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "Model server": ("mode", "model", "served_model_name"),
+    "Local runner (vllm serve)": (
+        "host", "port", "protocol", "base_url", "serve_args", "stop_signal", "stop_grace_ms",
+        "start_timeout_s", "health_check_interval_s", "max_restart_attempts", "restart_delay_s",
+        "gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "data_parallel_size",
+        "autostart", "hf_token", "local_api_key",
+    ),
+    "External server": ("external_base_url", "external_api_key"),
+    "OCR": (
+        "prompt_preset", "custom_prompt", "target_longest_side", "image_format", "max_tokens",
+        "temperature", "page_retries", "max_in_flight", "request_timeout_s",
+    ),
+}
+
+
+
+def _check_http_url(value: str) -> None:
+    """Looser than URLValidator on purpose: single-label hosts such as `gpu-box` are normal here."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise forms.ValidationError("Enter an http:// or https:// URL with a valid port.") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise forms.ValidationError("Enter an http:// or https:// URL.")
+
+
+class VLMSettingsForm(forms.ModelForm):
+    """Secrets are write-only: never rendered back; left blank they keep their saved value."""
+
+    class Meta:
+        model = VLMSettings
+        fields = [name for names in SECTIONS.values() for name in names]
+        widgets = {
+            **{name: forms.PasswordInput(render_value=False) for name in VLMSettings.SECRET_FIELDS},
+            "serve_args": forms.TextInput(),
+            "custom_prompt": forms.Textarea(attrs={"rows": 4}),
+        }
+        labels = {
+            "hf_token": "Hugging Face token",
+            "local_api_key": "API key for the local server (--api-key)",
+            "external_base_url": "External base URL",
+            "external_api_key": "External API key",
+            "start_timeout_s": "Start timeout (s)",
+            "health_check_interval_s": "Health-check interval (s)",
+            "restart_delay_s": "Restart delay (s)",
+            "stop_grace_ms": "Stop grace (ms)",
+            "request_timeout_s": "Request timeout (s)",
+            "max_in_flight": "Max requests in flight",
+        }
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in VLMSettings.SECRET_FIELDS:
+            saved = bool(getattr(self.instance, name))
+            self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
+            self.fields[f"clear_{name}"] = forms.BooleanField(required=False, label="Clear")
+        self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
+
+    def secret_rows(self) -> dict[str, forms.BoundField]:
+        return {name: self[f"clear_{name}"] for name in VLMSettings.SECRET_FIELDS}
+
+    def clean_stop_signal(self) -> str:
+        value = self.cleaned_data["stop_signal"].strip()
+        if value:
+            try:
+                return parse_signal(value, "Stop signal").name
+            except ImproperlyConfigured as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return value
+
+    def clean_serve_args(self) -> str:
+        value = self.cleaned_data["serve_args"].strip()
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise forms.ValidationError(f"Cannot split these arguments like a shell would: {exc}.") from None
+        return value
+
+    def _clean_url(self, name: str) -> str:
+        value = self.cleaned_data[name].strip()
+        if value:
+            _check_http_url(value)
+            return normalize_base_url(value)
+        return value
+
+    def clean_base_url(self) -> str:
+        return self._clean_url("base_url")
+
+    def clean_external_base_url(self) -> str:
+        return self._clean_url("external_base_url")
+
+    def clean(self) -> dict:
+        data = super().clean()
+        for name in VLMSettings.SECRET_FIELDS:
+            if data.get(f"clear_{name}"):
+                data[name] = ""
+            elif not data.get(name):
+                data[name] = getattr(self.instance, name)
+        if data.get("mode") == "external" and not data.get("external_base_url"):
+            self.add_error("external_base_url", "External mode needs the server's base URL.")
+        if data.get("prompt_preset") == "custom" and not (data.get("custom_prompt") or "").strip():
+            self.add_error("custom_prompt", "The custom preset needs a prompt.")
+        return data

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+
+from vllm_control import runtime
+from vllm_control.config import describe_options, resolve_config
+from vllm_control.forms import SECTIONS, VLMSettingsForm
+from vllm_control.models import Mode, VLMSettings
+
+
+@staff_member_required(login_url="login")
+def settings_page(request: HttpRequest) -> HttpResponse:
+    row = VLMSettings.load()
+    before = resolve_config(row)
+    form = VLMSettingsForm(request.POST or None, instance=row)
+    if request.method == "POST" and form.is_valid():
+        try:
+            after = resolve_config(form.instance)
+        except ImproperlyConfigured as exc:
+            form.add_error(None, str(exc))
+        else:
+            form.save()
+            runtime.settings_changed(old=before, new=after)
+            messages.success(request, "Settings saved.")
+            return redirect("vllm_control:settings")
+    config = resolve_config(VLMSettings.load())
+    sections = [(title, [form[name] for name in names]) for title, names in SECTIONS.items()]
+    return render(
+        request,
+        "vllm_control/settings.html",
+        {
+            "form": form,
+            "sections": sections,
+            "clear_fields": form.secret_rows(),
+            "config": config,
+            "mode_label": Mode(config.mode).label,
+            "options": describe_options(row),
+        },
+    )
