@@ -1,0 +1,149 @@
+"""A real ocrsite server process (Daphne + lifespan through `manage.py serve`) and headless Chromium.
+
+Each test session gets a fresh data directory, a migrated SQLite database, a staff user and the vLLM
+test double as VLLM_BIN (Local mode, autostart) with short supervision knobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO, free_port, kill_group, manage, port_open, project_env, wait_until
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+USERNAME = "staffer"
+PASSWORD = "browser-test-password-1"
+SETTINGS_SCRIPT = """
+from vllm_control.models import VLMSettings
+row = VLMSettings.load()
+row.mode = "local"
+row.autostart = True
+row.restart_delay_s = 1
+row.health_check_interval_s = 1
+row.start_timeout_s = 60
+row.max_restart_attempts = 5
+row.page_retries = 1
+row.max_in_flight = 1
+row.request_timeout_s = 30
+row.save()
+"""
+
+
+@dataclass
+class Server:
+    url: str
+    env: dict[str, str]
+    process: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _serve_available() -> bool:
+    return any((REPO / app / "management" / "commands" / "serve.py").exists() for app in ("ocrsite", "scans", "vllm_control"))
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    if not _serve_available():
+        pytest.skip("`manage.py serve` does not exist yet")
+    data_dir = tmp_path_factory.mktemp("browser-data")
+    port, vllm_port = free_port(), free_port()
+    env = project_env(
+        data_dir,
+        {
+            "VLLM_PORT": str(vllm_port),
+            "VLLM_HOST": "127.0.0.1",
+            "VLLM_STOP_GRACE_MS": "1000",
+            "FAKE_VLLM_LATENCY": "0.5",
+            "FAKE_VLLM_STARTUP_DELAY": "3",
+            "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
+            "DEBUG": "1",
+        },
+    )
+    for args in (["migrate", "--noinput"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "s@example.com"],
+                 ["shell", "-c", SETTINGS_SCRIPT]):
+        result = manage(args, env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    log = data_dir / "server.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = Server(url=f"http://127.0.0.1:{port}", env=env, process=process, log=log)
+    try:
+        wait_until(lambda: port_open(port) or process.poll() is not None, timeout=60, message="the server to listen")
+        assert process.poll() is None, server.log_text()
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # lets the lifespan stop the supervised model server
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(process.pid)
+        process.wait(timeout=10)
+        # Anything the test double left behind (it is tagged with the test's marker) goes too.
+        from tests.support import processes_with_marker
+
+        for pid in processes_with_marker(env["OCRSITE_TEST_MARKER"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{server.url}/login/")
+    page.fill("input[name=username]", USERNAME)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit], input[type=submit]")
+    page.wait_for_url(f"{server.url}/scans/")
+    try:
+        yield page
+    finally:
+        context.close()
