@@ -1,4 +1,12 @@
 from django.urls import path
 
+from vllm_control import control_views, views
+
 app_name = "vllm_control"
-urlpatterns: list = []
+urlpatterns = [
+    path("", views.settings_page, name="settings"),
+    path("server/start/", control_views.start, name="start"),
+    path("server/stop/", control_views.stop, name="stop"),
+    path("server/restart/", control_views.restart, name="restart"),
+    path("server/test/", control_views.test_connection, name="test"),
+]

@@ -1,0 +1,235 @@
+"""The Local supervisor against the vLLM test double: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.support import pid_alive, processes_in_group, processes_with_marker
+from tests.vllm_control.conftest import make_local_config
+from vllm_control.errors import ModelServerUnavailable
+from vllm_control.status import ServerState
+from vllm_control.supervisor import TRANSITIONS, Supervisor, group_members
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def wait_for(predicate, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        await asyncio.sleep(0.05)
+
+
+def engine_children(pid: int) -> list[int]:
+    """The double's EngineCore child(ren) of `pid`."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                children.append(int(entry))
+    return children
+
+
+async def send_page(port: int, model: str) -> None:
+    """One valid chat request with a page image (what the double counts for its crash/hang knobs)."""
+    import base64
+    import io
+
+    import httpx
+
+    from tests.fakes.pages import page_image
+
+    buffer = io.BytesIO()
+    page_image(1).save(buffer, format="PNG")
+    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}}]}],
+    }
+    async with httpx.AsyncClient(timeout=5) as client:
+        response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+
+
+@pytest.fixture
+async def supervisors(tmp_path, test_marker):
+    created: list[Supervisor] = []
+
+    def make(port: int, **overrides) -> Supervisor:
+        supervisor = Supervisor(make_local_config(port, **overrides), data_dir=tmp_path)
+        created.append(supervisor)
+        return supervisor
+
+    yield make
+    for supervisor in created:
+        await supervisor.stop()
+
+
+def test_transition_table_covers_every_state():
+    assert set(TRANSITIONS) == set(ServerState)
+    assert ServerState.READY in TRANSITIONS[ServerState.STARTING]
+    assert ServerState.READY not in TRANSITIONS[ServerState.STOPPED]
+
+
+async def test_spawn_ready_and_stop_leaves_nothing(supervisors, port, test_marker, tmp_path):
+    supervisor = supervisors(port)
+    events = []
+    supervisor.add_listener(lambda status: events.append(status.state))
+    await supervisor.start()
+    status = await supervisor.wait_ready(30)
+    assert status.state == ServerState.READY
+    assert status.pid and pid_alive(status.pid)
+    assert status.served_models == [supervisor.config.served_model_name]
+    assert status.server_version
+    assert status.supervised_here
+    assert any("Application startup complete" in line for line in status.log_tail)
+    assert (tmp_path / f"vllm-{port}.pgid").exists()
+    pgid = status.pid
+    assert len(processes_in_group(pgid)) >= 2  # the double's EngineCore child is in the group
+    await supervisor.stop()
+    assert supervisor.state == ServerState.STOPPED
+    assert processes_in_group(pgid) == []
+    assert not (tmp_path / f"vllm-{port}.pgid").exists()
+    assert events[0] == ServerState.STARTING and ServerState.READY in events and events[-1] == ServerState.STOPPED
+
+
+async def test_crash_is_restarted_after_the_delay(supervisors, port, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_CRASH_AFTER", "1")
+    supervisor = supervisors(port)
+    await supervisor.start()
+    first = (await supervisor.wait_ready(30)).pid
+    children = engine_children(first)
+    await send_page(port, supervisor.config.served_model_name)  # FAKE_VLLM_CRASH_AFTER=1: it exits with code 1
+    await wait_for(lambda: supervisor.state != ServerState.READY, 10, "the crash to be noticed")
+    assert f"vLLM (pid {first}) exited with code 1." in supervisor.last_error
+    await wait_for(lambda: supervisor.state == ServerState.READY, 30, "the restart")
+    status = supervisor.status()
+    assert status.pid != first and status.restart_count == 1
+    assert not any(pid_alive(child) for child in children)  # the old group was killed before the restart
+
+
+async def test_hang_is_detected_and_restarted(supervisors, port, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_HANG_AFTER", "1")  # every endpoint stops answering after one chat request
+    supervisor = supervisors(port, max_restart_attempts=1)
+    await supervisor.start()
+    first = (await supervisor.wait_ready(30)).pid
+    errors = []
+    supervisor.add_listener(lambda status: errors.append((status.state, status.last_error)))
+    await send_page(port, supervisor.config.served_model_name)
+    await wait_for(lambda: supervisor.status().pid not in (None, first), 40, "a new process")
+    assert (ServerState.UNHEALTHY, f"Health check failed (1 of 3): The model server at http://127.0.0.1:{port}/v1 did not answer within 1 s.") in errors
+    assert any(error and "stopped answering health checks (3 consecutive failures)" in error for _, error in errors)
+    assert not pid_alive(first) and group_members(first) == []
+    await wait_for(lambda: supervisor.state == ServerState.READY, 30, "the restarted server")
+    assert supervisor.restart_count == 1
+
+
+async def test_max_attempts_then_failed(supervisors, port, tmp_path):
+    failing = tmp_path / "failing-vllm"
+    failing.write_text("#!/bin/sh\necho 'something odd happened' >&2\nexit 7\n")
+    failing.chmod(0o755)
+    supervisor = supervisors(port, vllm_bin=str(failing), max_restart_attempts=2)
+    await supervisor.start()
+    with pytest.raises(ModelServerUnavailable) as raised:
+        await supervisor.wait_ready(30)
+    assert supervisor.state == ServerState.FAILED
+    assert supervisor.restart_count == 2
+    assert "Gave up after 2 restart attempt(s)" in raised.value.message
+    assert "exited with code 7" in raised.value.message and "something odd happened" in raised.value.message
+
+
+async def test_stop_when_the_server_ignores_sigterm(supervisors, port, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_IGNORE_SIGTERM", "1")
+    supervisor = supervisors(port, stop_grace_ms=500)
+    await supervisor.start()
+    pid = (await supervisor.wait_ready(30)).pid
+    children = engine_children(pid)
+    assert children
+    await supervisor.stop()
+    assert group_members(pid) == []
+    assert not pid_alive(pid) and not any(pid_alive(child) for child in children)
+    assert supervisor.state == ServerState.STOPPED
+
+
+async def test_kill_9_of_the_parent_is_a_crash_too(supervisors, port):
+    supervisor = supervisors(port)
+    await supervisor.start()
+    first = (await supervisor.wait_ready(30)).pid
+    children = engine_children(first)
+    os.kill(first, signal.SIGKILL)  # its EngineCore child lingers, holding the (simulated) GPU
+    await wait_for(lambda: supervisor.status().pid not in (None, first), 30, "the restart")
+    assert not any(pid_alive(child) for child in children)
+
+
+async def test_a_stranger_on_the_port_is_an_error(supervisors, port):
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", port))
+        stranger.listen()
+        supervisor = supervisors(port)
+        await supervisor.start()
+        with pytest.raises(ModelServerUnavailable) as raised:
+            await supervisor.wait_ready(10)
+    assert supervisor.state == ServerState.FAILED
+    assert f"Port {port} is already in use by another server" in raised.value.message
+    assert supervisor.status().pid is None
+
+
+async def test_vllm_not_on_path(supervisors, port):
+    supervisor = supervisors(port, vllm_bin="no-such-vllm-here")
+    await supervisor.start()
+    with pytest.raises(ModelServerUnavailable) as raised:
+        await supervisor.wait_ready(10)
+    assert raised.value.message.startswith("The vLLM executable 'no-such-vllm-here' was not found on PATH")
+    assert supervisor.restart_count == 0
+
+
+async def test_hf_token_reaches_the_server(supervisors, port, monkeypatch):
+    monkeypatch.setenv("FAKE_VLLM_REQUIRE_HF_TOKEN", "hf_secret")
+    supervisor = supervisors(port, hf_token="hf_secret")
+    await supervisor.start()
+    assert (await supervisor.wait_ready(30)).state == ServerState.READY
+
+
+async def test_leftover_group_of_a_dead_supervisor_is_killed_at_next_start(supervisors, port, tmp_path, test_marker):
+    first = supervisors(port)
+    await first.start()
+    pid = (await first.wait_ready(30)).pid
+    # Simulate the supervisor vanishing: forget the process without stopping it and free the lock.
+    first._run_task.cancel()
+    await asyncio.gather(first._run_task, return_exceptions=True)
+    first._run_task = None
+    first._pgid = None
+    first._release_lock()
+    os.kill(pid, signal.SIGKILL)  # the parent-death signal's effect; its EngineCore child lingers
+    await wait_for(lambda: not pid_alive(pid), 5, "the parent to die")
+    assert group_members(pid)  # the orphaned child is still there
+    second = supervisors(port)
+    await second.start()
+    status = await second.wait_ready(30)
+    assert group_members(pid) == []
+    assert status.pid != pid
+
+
+async def test_second_supervisor_on_the_same_port_observes(supervisors, port):
+    owner = supervisors(port)
+    other = supervisors(port)
+    await owner.start()
+    await owner.wait_ready(30)
+    await other.start()
+    status = await other.wait_ready(10)
+    assert status.state == ServerState.READY and not status.supervised_here and status.pid is None
+    assert len([s for s in (owner, other) if s.owner]) == 1
+    await other.stop()
+    assert owner.state == ServerState.READY and owner.status().pid

@@ -1,0 +1,75 @@
+"""Staff-only POST endpoints of the settings page: Start, Stop, Restart, Test connection (JSON answers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.http import require_POST
+
+from vllm_control import runtime
+from vllm_control.config import EffectiveConfig, resolve_config
+from vllm_control.status import ServerStatus
+
+
+def _answer(ok: bool, message: str, status: ServerStatus | None, code: int = 200) -> JsonResponse:
+    from vllm_control.events import status_data
+
+    payload = status_data(status, staff=True) if status is not None else None
+    return JsonResponse({"ok": ok, "message": message, "status": payload}, status=code)
+
+
+def staff_post(view: Callable[[HttpRequest, EffectiveConfig], JsonResponse]):
+    @require_POST
+    @wraps(view)
+    def wrapper(request: HttpRequest) -> JsonResponse:
+        user = request.user
+        if not (user.is_authenticated and user.is_active and user.is_staff):
+            return _answer(False, "Only staff can control the model server.", None, 403)
+        try:
+            config = resolve_config()
+        except ImproperlyConfigured as exc:
+            return _answer(False, str(exc), None, 400)
+        return view(request, config)
+
+    return wrapper
+
+
+def _local_only(config: EffectiveConfig, action: str) -> JsonResponse | None:
+    if config.mode != "local":
+        return _answer(False, f"{action} is only available in Local mode (the mode is {config.mode}).", None, 400)
+    return None
+
+
+@staff_post
+def start(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
+    if refused := _local_only(config, "Start"):
+        return refused
+    status = runtime.run_sync(lambda: runtime.start_local(config))
+    return _answer(True, "Starting the vLLM server.", status)
+
+
+@staff_post
+def stop(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
+    status = runtime.run_sync(runtime.stop_local, timeout=config.local.stop_grace_ms / 1000 + 60)
+    if status is None:
+        return _answer(True, "The vLLM server is not running in this process.", runtime.run_sync(lambda: runtime.current_status(config)))
+    return _answer(True, "The vLLM server was stopped.", status)
+
+
+@staff_post
+def restart(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
+    if refused := _local_only(config, "Restart"):
+        return refused
+    status = runtime.run_sync(lambda: runtime.restart_local(config), timeout=config.local.stop_grace_ms / 1000 + 60)
+    return _answer(True, "Restarting the vLLM server.", status)
+
+
+@staff_post
+def test_connection(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
+    if config.mode == "builtin":
+        return _answer(False, "Built-in mode does not use a model server.", None, 400)
+    ok, message, status = runtime.run_sync(lambda: runtime.test_connection(config), timeout=30)
+    return _answer(ok, message, status)

@@ -1,0 +1,309 @@
+"""The process-wide model-server registry and the entry points the rest of the project uses.
+
+The Local supervisor lives on one event loop for the life of the process: the ASGI server's loop (bound
+by the lifespan), the loop of a command's `asyncio.run`, or, when a sync caller (a view under a WSGI
+server, a test client) needs it first, a background thread's loop. The vLLM child gets a parent-death
+signal tied to the thread that spawned it, so that loop's thread must live as long as the supervisor.
+Calls from other loops or threads are run on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from vllm_control.command import build_command
+from vllm_control.config import EffectiveConfig, LocalServerConfig
+from vllm_control.errors import ModelServerUnavailable
+from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
+from vllm_control.status import ServerState, ServerStatus
+from vllm_control.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+EXTERNAL_VERIFY_CACHE_S = 5.0
+SYNC_CALL_TIMEOUT_S = 120.0
+
+_supervisor: Supervisor | None = None
+_loop: asyncio.AbstractEventLoop | None = None
+_registry_lock = threading.Lock()
+_external_verified: dict[tuple[str, str, str], float] = {}
+_external_status: tuple[float, ServerStatus] | None = None
+
+
+def get_supervisor() -> Supervisor | None:
+    """The Local supervisor of this process, if one was created."""
+    return _supervisor
+
+
+# --- the loop that hosts the supervisor --------------------------------------------------------------------
+
+
+def bind_loop(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Host the supervisor on `loop` (the running loop by default): the ASGI server calls this at start-up."""
+    _rebind(loop or asyncio.get_running_loop())
+
+
+def _rebind(loop: asyncio.AbstractEventLoop) -> None:
+    global _loop, _supervisor
+    with _registry_lock:
+        if _loop is loop:
+            return
+        old = _supervisor
+        if old is not None and (_loop is None or _loop.is_closed() or not _loop.is_running()):
+            # Its loop is gone (e.g. the previous asyncio.run ended): nothing supervises its server any more.
+            old._kill_at_exit()
+            _supervisor = None
+        _loop = loop
+
+
+def _usable(loop: asyncio.AbstractEventLoop | None) -> bool:
+    return loop is not None and not loop.is_closed() and loop.is_running()
+
+
+async def _on_home(fn: Callable[[], Awaitable[T]]) -> T:
+    current = asyncio.get_running_loop()
+    if _loop is not current and not _usable(_loop):
+        _rebind(current)
+    home = _loop
+    assert home is not None
+    if home is current:
+        return await fn()
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(fn(), home))
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    thread = threading.Thread(target=lambda: (loop.call_soon(started.set), loop.run_forever()), daemon=True, name="vllm-supervisor")
+    thread.start()
+    started.wait()
+    return loop
+
+
+def run_sync(fn: Callable[[], Awaitable[T]], timeout: float = SYNC_CALL_TIMEOUT_S) -> T:
+    """Run `fn()` on the supervisor's loop from synchronous code and wait for the result."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None:
+        raise RuntimeError("run_sync() called on a running event loop; await the async function instead.")
+    if not _usable(_loop):
+        _rebind(_background_loop())
+    assert _loop is not None
+    return asyncio.run_coroutine_threadsafe(fn(), _loop).result(timeout)
+
+
+# --- Local ---------------------------------------------------------------------------------------------------
+
+
+def _supervisor_for(local: LocalServerConfig) -> Supervisor:
+    """Must run on the home loop."""
+    global _supervisor
+    if _supervisor is None or (not _supervisor.running and _supervisor.config.port != local.port):
+        _supervisor = Supervisor(local)
+    return _supervisor
+
+
+def needs_restart(old: LocalServerConfig, new: LocalServerConfig) -> bool:
+    """The running server no longer matches the configuration (command line or environment)."""
+    return build_command(old) != build_command(new) or old.hf_token != new.hf_token
+
+
+def _ready_timeout(local: LocalServerConfig) -> float:
+    return local.start_timeout_s + local.restart_delay_s + 5
+
+
+async def start_local(config: EffectiveConfig) -> ServerStatus:
+    """Start supervising the Local server (returns at once; the status says `starting`)."""
+
+    async def go() -> ServerStatus:
+        supervisor = _supervisor_for(config.local)
+        if not supervisor.running:
+            supervisor.config = config.local
+        await supervisor.start()
+        return supervisor.status()
+
+    return await _on_home(go)
+
+
+async def stop_local() -> ServerStatus | None:
+    """Stop the Local server of this process and wait until it is gone."""
+
+    async def go() -> ServerStatus | None:
+        if _supervisor is None:
+            return None
+        await _supervisor.stop()
+        return _supervisor.status()
+
+    if _supervisor is None:
+        return None
+    return await _on_home(go)
+
+
+async def restart_local(config: EffectiveConfig) -> ServerStatus:
+    async def go() -> ServerStatus:
+        supervisor = _supervisor_for(config.local)
+        await supervisor.restart(config.local)
+        return supervisor.status()
+
+    return await _on_home(go)
+
+
+async def shutdown() -> None:
+    """Stop everything this module started (ASGI lifespan shutdown)."""
+    await stop_local()
+
+
+# --- the entry points of the OCR runner ------------------------------------------------------------------------
+
+
+async def ensure_ready(config: EffectiveConfig) -> None:
+    """Make sure the model server can take requests, or raise ModelServerUnavailable saying why.
+
+    Local: start the supervisor if needed (on demand) and wait for readiness; in a process that does not
+    hold the port lock this waits for the other process's server. External: verify (cached briefly).
+    """
+    if config.mode == "local":
+
+        async def go() -> None:
+            supervisor = _supervisor_for(config.local)
+            if supervisor.running and supervisor.owner and needs_restart(supervisor.config, config.local):
+                logger.info("The vLLM settings changed; restarting the server.")
+                await supervisor.restart(config.local)
+            elif not supervisor.running:
+                supervisor.config = config.local
+                await supervisor.start()
+            await supervisor.wait_ready(_ready_timeout(config.local))
+
+        await _on_home(go)
+    elif config.mode == "external":
+        key = (config.external_base_url, config.api_key, config.served_model_name)
+        verified = _external_verified.get(key)
+        if verified is not None and time.monotonic() - verified < EXTERNAL_VERIFY_CACHE_S:
+            return
+        result = await verify_external(config)
+        await _remember_external(config, result)
+        if not result.ok:
+            _external_verified.pop(key, None)
+            raise ModelServerUnavailable(result.message or "The external model server is not available.")
+        _external_verified[key] = time.monotonic()
+
+
+async def report_request_failure(config: EffectiveConfig) -> None:
+    """A request to the model server failed with a connection error: check its health now."""
+    if config.mode == "local":
+        supervisor = _supervisor
+        if supervisor is not None and _usable(_loop):
+            assert _loop is not None
+            _loop.call_soon_threadsafe(supervisor.check_health_now)
+    elif config.mode == "external":
+        _external_verified.clear()
+        result = await probe(config.external_base_url, api_key=config.api_key, model=config.served_model_name)
+        await _remember_external(config, result)
+
+
+async def _remember_external(config: EffectiveConfig, result: ProbeResult) -> ServerStatus:
+    global _external_status
+    status = status_from_probe(config, result, mode="external")
+    previous = _external_status[1] if _external_status else None
+    _external_status = (time.monotonic(), status)
+    if previous is None or (previous.state, previous.last_error) != (status.state, status.last_error):
+        from vllm_control.events import publish_server_status
+
+        await publish_server_status(status)
+    return status
+
+
+# --- status ----------------------------------------------------------------------------------------------------
+
+
+async def current_status(config: EffectiveConfig, *, fresh: bool = False) -> ServerStatus:
+    """The configured server's status. Local: the supervisor's when this process runs one, else a probe."""
+    if config.mode == "local":
+        supervisor = _supervisor
+        if supervisor is not None and supervisor.config.port == config.local.port and _usable(_loop):
+            status = await _on_home(_status_of(supervisor))
+            if supervisor.running or status.state == ServerState.FAILED:
+                return status
+        result = await probe(config.local.base_url, api_key=config.api_key, model=config.served_model_name, timeout=2.0, check_health=True)
+        status = status_from_probe(config, result, mode="local")
+        if supervisor is not None and not result.ok and supervisor.last_error:
+            status.last_error = supervisor.last_error
+            status.log_tail = list(supervisor.log_tail)
+        return status
+    if config.mode == "external":
+        if not fresh and _external_status and time.monotonic() - _external_status[0] < EXTERNAL_VERIFY_CACHE_S:
+            return _external_status[1]
+        result = await probe(config.external_base_url, api_key=config.api_key, model=config.served_model_name)
+        return await _remember_external(config, result)
+    return ServerStatus(
+        mode=config.mode,
+        state=ServerState.STOPPED,
+        model=config.model,
+        last_error="Built-in mode does not use a model server.",
+    )
+
+
+def _status_of(supervisor: Supervisor) -> Callable[[], Awaitable[ServerStatus]]:
+    async def get() -> ServerStatus:
+        return supervisor.status()
+
+    return get
+
+
+async def test_connection(config: EffectiveConfig) -> tuple[bool, str, ServerStatus]:
+    """One fresh check of the configured server, for the settings page's "Test connection"."""
+    status = await current_status(config, fresh=True)
+    if status.state == ServerState.READY:
+        detail = f" (vLLM {status.server_version})" if status.server_version else ""
+        latency = f" in {status.latency_ms:g} ms" if status.latency_ms is not None else ""
+        return True, f"Connected to {status.base_url}{detail}{latency}; it serves '{status.model}'.", status
+    return False, status.last_error or f"The model server is {status.state}.", status
+
+
+# --- settings changes ------------------------------------------------------------------------------------------
+
+
+async def apply_settings_change(old: EffectiveConfig, new: EffectiveConfig) -> None:
+    """Restart the Local server when its command line changed; stop it when the mode left Local."""
+    _external_verified.clear()
+    global _external_status
+    _external_status = None
+    supervisor = _supervisor
+    if supervisor is None:
+        return
+
+    async def go() -> None:
+        if new.mode != "local":
+            if supervisor.running or supervisor.state != ServerState.STOPPED:
+                logger.info("The mode left Local; stopping the vLLM server.")
+                await supervisor.stop()
+        elif supervisor.running and needs_restart(supervisor.config, new.local):
+            logger.info("The vLLM settings changed; restarting the server.")
+            await supervisor.restart(new.local)
+        else:
+            supervisor.config = new.local
+
+    await _on_home(go)
+
+
+def settings_changed(*, old: EffectiveConfig, new: EffectiveConfig) -> None:
+    """Sync wrapper for the settings view: apply the change on the supervisor's loop."""
+    if _supervisor is None:
+        _external_verified.clear()
+        return
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not None:  # called from async code: do not block its loop
+        running.create_task(apply_settings_change(old, new))
+        return
+    run_sync(lambda: apply_settings_change(old, new), timeout=new.local.stop_grace_ms / 1000 + 60)

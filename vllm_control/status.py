@@ -1,0 +1,43 @@
+"""The one status shape for both modes (settings page, events, `vllm_status --json`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+
+class ServerState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+@dataclass
+class ServerStatus:
+    mode: str
+    state: ServerState
+    model: str = ""
+    base_url: str = ""
+    port: int | None = None
+    pid: int | None = None
+    restart_count: int = 0
+    uptime_s: float | None = None
+    last_health_check: str | None = None  # ISO 8601, UTC
+    last_error: str | None = None
+    log_tail: list[str] = field(default_factory=list)
+    served_models: list[str] = field(default_factory=list)
+    server_version: str | None = None
+    latency_ms: float | None = None
+    supervised_here: bool = False  # this process runs the server (Local mode, holds the port lock)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == ServerState.READY
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["state"] = str(self.state)
+        return data
