@@ -1,0 +1,201 @@
+"""Reading order for OCR'd text boxes: boxes -> lines -> paragraphs, one or two columns.
+
+Pure Python on box coordinates (image pixels, y downwards), so it can be tested without a model.
+A box is a recognized text line segment with its four corners (top-left, top-right, bottom-right,
+bottom-left, as PP-OCR's detector returns them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import median
+
+Point = tuple[float, float]
+
+PARAGRAPH_GAP = 1.5  # a line pitch above 1.5x the median line height starts a new paragraph
+MAX_COLUMN_DEPTH = 2  # a column may itself be split once more (up to four columns)
+
+
+@dataclass(frozen=True)
+class TextBox:
+    points: tuple[Point, Point, Point, Point]
+    text: str
+    score: float = 1.0
+
+
+@dataclass
+class _Item:
+    box: TextBox
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def yc(self) -> float:
+        return (self.y0 + self.y1) / 2
+
+
+@dataclass
+class _Line:
+    items: list[_Item]
+    y0: float
+    y1: float
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def yc(self) -> float:
+        return (self.y0 + self.y1) / 2
+
+    def text(self) -> str:
+        return " ".join(item.box.text.strip() for item in sorted(self.items, key=lambda i: i.x0) if item.box.text.strip())
+
+
+def page_skew(boxes: Sequence[TextBox]) -> float:
+    """The page's dominant text angle in radians (median over clearly horizontal boxes)."""
+    angles = []
+    for box in boxes:
+        (x0, y0), (x1, y1), _, (x3, y3) = box.points
+        width = math.hypot(x1 - x0, y1 - y0)
+        height = math.hypot(x3 - x0, y3 - y0)
+        if width > 2 * height:
+            angles.append(math.atan2(y1 - y0, x1 - x0))
+    return median(angles) if angles else 0.0
+
+
+def _items(boxes: Sequence[TextBox]) -> list[_Item]:
+    """Axis-aligned extents after undoing the page skew, so a slightly rotated photo orders like a scan."""
+    angle = page_skew(boxes)
+    cos, sin = math.cos(-angle), math.sin(-angle)
+    items = []
+    for box in boxes:
+        xs = [x * cos - y * sin for x, y in box.points]
+        ys = [x * sin + y * cos for x, y in box.points]
+        items.append(_Item(box, min(xs), max(xs), min(ys), max(ys)))
+    return items
+
+
+def _column_gutter(items: Sequence[_Item]) -> tuple[float, float] | None:
+    """An empty vertical strip in the middle of the text that splits it into two columns.
+
+    A few boxes may cross it (a title or a footer spanning both columns); each side needs at least
+    three boxes and the strip must be wider than one and a half line heights. Returns the strip's (left, right) x,
+    or None for a single column.
+    """
+    if len(items) < 6:
+        return None
+    left_edge = min(item.x0 for item in items)
+    right_edge = max(item.x1 for item in items)
+    width = right_edge - left_edge
+    if width <= 0:
+        return None
+    allowed_crossing = max(1, len(items) // 10)
+    min_gap = max(1.5 * median(item.height for item in items), width * 0.015)
+
+    edges = sorted({item.x0 for item in items} | {item.x1 for item in items})
+    intervals = list(zip(edges, edges[1:]))
+    crossings = [
+        frozenset(index for index, item in enumerate(items) if item.x0 < hi and item.x1 > lo) for lo, hi in intervals
+    ]
+    best: tuple[int, float, float, float] | None = None  # (boxes crossing, -width, left, right)
+    for position, (lo, hi) in enumerate(intervals):
+        if not left_edge + 0.2 * width <= (lo + hi) / 2 <= left_edge + 0.8 * width:
+            continue
+        crossed = crossings[position]
+        if len(crossed) > allowed_crossing:
+            continue
+        # Widen the strip while no other box enters it.
+        first = last = position
+        while first > 0 and crossings[first - 1] <= crossed:
+            first -= 1
+        while last + 1 < len(intervals) and crossings[last + 1] <= crossed:
+            last += 1
+        lo, hi = intervals[first][0], intervals[last][1]
+        if hi - lo < min_gap:
+            continue
+        if sum(1 for item in items if item.x1 <= lo) < 3 or sum(1 for item in items if item.x0 >= hi) < 3:
+            continue
+        candidate = (len(crossed), lo - hi, lo, hi)
+        if best is None or candidate < best:
+            best = candidate
+    return (best[2], best[3]) if best else None
+
+
+def _blocks(items: list[_Item], depth: int = 0) -> list[list[_Item]]:
+    """Groups of items, each one column segment, in reading order."""
+    gutter = _column_gutter(items) if depth < MAX_COLUMN_DEPTH else None
+    if gutter is None:
+        return [items] if items else []
+    lo, hi = gutter
+    spanning = sorted((item for item in items if item.x0 < hi and item.x1 > lo), key=lambda i: i.yc)
+    sides = [item for item in items if not (item.x0 < hi and item.x1 > lo)]
+    blocks: list[list[_Item]] = []
+    top = -math.inf
+    for bound in [*spanning, None]:
+        bottom = bound.yc if bound is not None else math.inf
+        band = [item for item in sides if top <= item.yc < bottom]
+        left = [item for item in band if item.x1 <= lo]
+        right = [item for item in band if item.x0 >= hi]
+        blocks.extend(_blocks(left, depth + 1))
+        blocks.extend(_blocks(right, depth + 1))
+        if bound is not None:
+            blocks.append([bound])
+            top = bottom
+    return blocks
+
+
+def _lines(items: Sequence[_Item]) -> list[_Line]:
+    """Top-to-bottom lines; a box joins the current line when they overlap by half a height."""
+    lines: list[_Line] = []
+    for item in sorted(items, key=lambda i: i.yc):
+        if lines:
+            line = lines[-1]
+            overlap = min(line.y1, item.y1) - max(line.y0, item.y0)
+            if overlap >= 0.5 * min(line.height, item.height):
+                line.items.append(item)
+                line.y0, line.y1 = min(line.y0, item.y0), max(line.y1, item.y1)
+                continue
+        lines.append(_Line([item], item.y0, item.y1))
+    return lines
+
+
+def _join_lines(texts: Sequence[str]) -> str:
+    joined = ""
+    for text in texts:
+        if not joined:
+            joined = text
+        elif joined.endswith("-") and len(joined) > 1 and joined[-2].isalpha():
+            joined += text  # a word broken at the line end: keep the hyphen, drop the space
+        else:
+            joined += " " + text
+    return joined
+
+
+def reading_order_text(boxes: Sequence[TextBox]) -> str:
+    """The page text: paragraphs separated by a blank line, lines of a paragraph joined by spaces."""
+    items = [item for item in _items(boxes) if item.box.text.strip()]
+    if not items:
+        return ""
+    line_height = median(item.height for item in items)
+    paragraphs: list[str] = []
+    for block in _blocks(items):
+        current: list[str] = []
+        previous: _Line | None = None
+        for line in _lines(block):
+            if previous is not None and line.yc - previous.yc > PARAGRAPH_GAP * line_height:
+                paragraphs.append(_join_lines(current))
+                current = []
+            current.append(line.text())
+            previous = line
+        if current:
+            paragraphs.append(_join_lines(current))
+    return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)

@@ -1,0 +1,268 @@
+"""The queue runner in-process against the vLLM test double: page order and content, cancellation,
+permanent failures, fallback text, retries of failed pages, takeover of a dead worker's scan, two
+runners sharing one queue, and the embedded runner woken by a new scan."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from scans import exports, services
+from scans.models import Page, Scan
+from scans.pipeline import runner as runner_module
+from scans.pipeline.runner import Runner
+from scans.uploads import create_scan_from_path
+from tests.fakes.pages import make_pdf
+from tests.scans.pipeline.helpers import MODEL, FakeServer, start_fake_vllm, stop_fake_vllm
+from vllm_control.models import VLMSettings
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+@pytest.fixture(autouse=True)
+def short_knobs(monkeypatch, settings, tmp_path):
+    monkeypatch.setenv("OCRSITE_RUNNER_POLL_MS", "200")
+    monkeypatch.setenv("OCRSITE_CLAIM_STALE_MS", "1500")
+    settings.MEDIA_ROOT = tmp_path / "media"
+
+
+@pytest.fixture
+def owner(transactional_db):
+    return get_user_model().objects.create_user("alice", password="x")
+
+
+def use_external(base_url: str, **ocr) -> None:
+    row = VLMSettings.load()
+    row.mode = "external"
+    row.external_base_url = base_url
+    row.served_model_name = MODEL
+    row.page_retries = 0
+    row.max_in_flight = 4
+    for key, value in ocr.items():
+        setattr(row, key, value)
+    row.save()
+
+
+@pytest.fixture
+def fake(tmp_path, transactional_db):
+    servers: list[FakeServer] = []
+
+    def start(**env) -> FakeServer:
+        server = start_fake_vllm(tmp_path, env={k: str(v) for k, v in env.items()})
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        stop_fake_vllm(server)
+
+
+def new_scan(owner, tmp_path: Path, pages: int, name: str = "doc.pdf", options: dict | None = None, **pdf) -> Scan:
+    path = make_pdf(tmp_path / name, pages, **pdf)
+    return create_scan_from_path(owner=owner, path=path, options=options)
+
+
+async def pages_of(scan: Scan) -> list[Page]:
+    return [page async for page in Page.objects.filter(scan=scan).order_by("number")]
+
+
+async def test_every_page_text_comes_from_its_own_page_in_order(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_LATENCY=0.05)
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 7)
+
+    status = await Runner(max_in_flight=4).run_scan(scan.pk)
+
+    assert status == Scan.Status.DONE
+    pages = await pages_of(scan)
+    assert [p.number for p in pages] == list(range(1, 8))
+    for page in pages:
+        assert page.status == Page.Status.DONE
+        assert f"PAGE {page.number}" in page.text
+        assert page.attempts == 1 and page.output_tokens > 0 and page.latency_ms is not None
+    assert sorted(r["page_marker"] for r in server.requests()) == list(range(1, 8))
+    scan = await Scan.objects.aget(pk=scan.pk)
+    assert scan.output_tokens == sum(p.output_tokens for p in pages)
+    assert scan.engine == "vllm" and scan.model == MODEL and scan.finished_at is not None
+    markdown = await sync_to_async(exports.export_markdown)(scan)
+    positions = [markdown.index(f"PAGE {n}\n") for n in range(1, 8)]
+    assert positions == sorted(positions)
+
+
+async def test_cancel_stops_in_flight_requests_promptly(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_LATENCY=30)  # a request never finishes within the test
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 6)
+    task = asyncio.create_task(Runner(max_in_flight=3).run_scan(scan.pk))
+
+    async def running() -> int:
+        return await Page.objects.filter(scan=scan, status=Page.Status.RUNNING).acount()
+
+    for _ in range(200):
+        if await running() == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert await running() == 3
+    assert await sync_to_async(services.cancel_scan)(scan=scan)
+
+    # Far shorter than the double's 30 s latency: the in-flight requests were abandoned.
+    status = await asyncio.wait_for(task, timeout=10)
+    assert status == Scan.Status.CANCELLED
+    pages = await pages_of(scan)
+    assert {p.status for p in pages} == {Page.Status.PENDING}
+    assert server.requests() == []  # nothing was answered
+
+
+async def test_cancel_from_another_process_is_noticed_by_the_heartbeat(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_LATENCY=30)
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+    task = asyncio.create_task(Runner(max_in_flight=2).run_scan(scan.pk))
+    for _ in range(200):
+        if await Page.objects.filter(scan=scan, status=Page.Status.RUNNING).acount() == 2:
+            break
+        await asyncio.sleep(0.05)
+    # What cancel_scan does in another process: only the row changes, no in-process signal.
+    await Scan.objects.filter(pk=scan.pk).aupdate(status=Scan.Status.CANCELLED)
+
+    assert await asyncio.wait_for(task, timeout=10) == Scan.Status.CANCELLED
+    assert await Page.objects.filter(scan=scan, status=Page.Status.PENDING).acount() == 2
+
+
+async def test_unknown_model_fails_the_scan_with_a_clear_message(fake, owner, tmp_path):
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 3, options={"model": "no/such-model", "base_url": server.base_url})
+
+    assert await Runner(max_in_flight=2).run_scan(scan.pk) == Scan.Status.FAILED
+    scan = await Scan.objects.aget(pk=scan.pk)
+    assert "no/such-model" in scan.error
+    assert await Page.objects.filter(scan=scan, status=Page.Status.DONE).acount() == 0
+    assert await Page.objects.filter(scan=scan, status=Page.Status.RUNNING).acount() == 0
+
+
+async def test_an_unavailable_model_server_fails_the_scan(fake, owner, tmp_path):
+    server = fake()
+    await sync_to_async(use_external)(server.base_url, served_model_name="not/served")
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+
+    assert await Runner(max_in_flight=2).run_scan(scan.pk) == Scan.Status.FAILED
+    scan = await Scan.objects.aget(pk=scan.pk)
+    assert "not/served" in scan.error
+    assert await Page.objects.filter(scan=scan, status=Page.Status.PENDING).acount() == 2
+    assert server.requests() == []
+
+
+async def test_failed_pages_fall_back_to_the_text_layer(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_ERROR_RATE=1)
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 3, text_layer=True)
+    assert scan.has_text_layer
+
+    assert await Runner(max_in_flight=2).run_scan(scan.pk) == Scan.Status.DONE
+    for page in await pages_of(scan):
+        assert page.status == Page.Status.DONE and page.fallback
+        assert f"Text layer of page {page.number}" in page.text
+
+
+async def test_failed_pages_finish_the_scan_and_can_be_retried(fake, owner, tmp_path):
+    broken = fake(FAKE_VLLM_ERROR_RATE=1)
+    await sync_to_async(use_external)(broken.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 3)
+
+    assert await Runner(max_in_flight=2).run_scan(scan.pk) == Scan.Status.DONE_WITH_ERRORS
+    pages = await pages_of(scan)
+    assert all(p.status == Page.Status.FAILED and p.error for p in pages)
+
+    good = fake()
+    await sync_to_async(use_external)(good.base_url)
+    assert await sync_to_async(services.retry_failed_pages)(scan=scan) == 3
+    assert (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.QUEUED
+    assert await Runner(max_in_flight=2).run_scan(scan.pk) == Scan.Status.DONE
+    assert all(f"PAGE {p.number}" in p.text for p in await pages_of(scan))
+
+
+async def test_a_dead_workers_scan_resumes_without_resending_finished_pages(fake, owner, tmp_path):
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 5)
+    # As a worker killed mid-scan leaves it: pages 1-2 committed, page 3 running, an old heartbeat.
+    old = timezone.now() - timedelta(seconds=60)
+    await Scan.objects.filter(pk=scan.pk).aupdate(status=Scan.Status.PROCESSING, worker_id="dead:1:x", heartbeat_at=old)
+    await Page.objects.filter(scan=scan, number__in=[1, 2]).aupdate(status=Page.Status.DONE, text="kept", attempts=1)
+    await Page.objects.filter(scan=scan, number=3).aupdate(status=Page.Status.RUNNING, worker_id="dead:1:x")
+
+    await Runner(max_in_flight=2, once=True).run_forever()
+
+    pages = await pages_of(scan)
+    assert [p.status for p in pages] == [Page.Status.DONE] * 5
+    assert [p.text for p in pages[:2]] == ["kept", "kept"]
+    assert sorted(r["page_marker"] for r in server.requests()) == [3, 4, 5]
+    assert (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.DONE
+
+
+async def test_a_live_workers_scan_is_not_taken_over(fake, owner, tmp_path):
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+    await Scan.objects.filter(pk=scan.pk).aupdate(
+        status=Scan.Status.PROCESSING, worker_id="alive:1:x", heartbeat_at=timezone.now()
+    )
+    await Runner(max_in_flight=2, once=True).run_forever()
+    assert (await Scan.objects.aget(pk=scan.pk)).worker_id == "alive:1:x"
+    assert server.requests() == []
+
+
+async def test_two_runners_share_the_queue_without_sending_a_page_twice(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_LATENCY=0.05)
+    await sync_to_async(use_external)(server.base_url)
+    scans = [await sync_to_async(new_scan)(owner, tmp_path, 3, name=f"doc{i}.pdf") for i in range(5)]
+
+    first, second = Runner(max_in_flight=2, once=True), Runner(max_in_flight=2, once=True)
+    await asyncio.gather(first.run_forever(), second.run_forever())
+
+    assert await Page.objects.filter(status=Page.Status.DONE).acount() == 15
+    assert len(server.requests()) == 15
+    workers = {s.worker_id async for s in Scan.objects.filter(pk__in=[s.pk for s in scans])}
+    assert workers <= {first.worker_id, second.worker_id}
+
+
+async def test_the_embedded_runner_is_woken_by_a_new_scan(fake, owner, tmp_path, monkeypatch):
+    monkeypatch.setenv("OCRSITE_RUNNER_POLL_MS", "60000")  # only the wake-up can start the work
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    await runner_module.start_embedded_runner()
+    try:
+        await asyncio.sleep(0.2)  # the runner has looked at the (empty) queue and is waiting
+        scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+        for _ in range(200):
+            if (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.DONE:
+                break
+            await asyncio.sleep(0.05)
+        assert (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.DONE
+    finally:
+        await runner_module.stop_embedded_runner()
+
+
+async def test_stopping_a_runner_puts_its_scan_back_in_the_queue(fake, owner, tmp_path):
+    server = fake(FAKE_VLLM_LATENCY=30)
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+    runner = Runner(max_in_flight=2)
+    loop_task = asyncio.create_task(runner.run_forever())
+    for _ in range(200):
+        if await Page.objects.filter(scan=scan, status=Page.Status.RUNNING).acount() == 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.wait_for(runner.stop(), timeout=10)
+    await asyncio.wait_for(loop_task, timeout=10)
+
+    scan = await Scan.objects.aget(pk=scan.pk)
+    assert scan.status == Scan.Status.QUEUED and scan.worker_id == ""
+    assert await Page.objects.filter(scan=scan, status=Page.Status.PENDING).acount() == 2
