@@ -5,6 +5,12 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
+# rapidocr-onnxruntime depends on the GUI build of OpenCV, which needs libGL and X libraries that a
+# fresh Debian lacks; the headless build of the same version needs none. pip re-adds the GUI build on
+# every install of the project, so each install is followed by this swap.
+HEADLESS_OPENCV = $(BIN)/pip uninstall --quiet -y opencv-python && \
+	$(BIN)/pip install --quiet --force-reinstall --no-deps opencv-python-headless
+
 .PHONY: run setup test bench
 
 $(BIN)/python:
@@ -13,10 +19,12 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	$(HEADLESS_OPENCV)
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(HEADLESS_OPENCV)
 	touch $@
 
 setup: $(VENV)/.installed
