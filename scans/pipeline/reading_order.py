@@ -25,36 +25,33 @@ class TextBox:
     score: float = 1.0
 
 
+class _VerticalSpan:
+    y0: float
+    y1: float
+
+    @property
+    def height(self) -> float:
+        return self.y1 - self.y0
+
+    @property
+    def yc(self) -> float:
+        return (self.y0 + self.y1) / 2
+
+
 @dataclass
-class _Item:
+class _Item(_VerticalSpan):
     box: TextBox
     x0: float
     x1: float
     y0: float
     y1: float
 
-    @property
-    def height(self) -> float:
-        return self.y1 - self.y0
-
-    @property
-    def yc(self) -> float:
-        return (self.y0 + self.y1) / 2
-
 
 @dataclass
-class _Line:
+class _Line(_VerticalSpan):
     items: list[_Item]
     y0: float
     y1: float
-
-    @property
-    def height(self) -> float:
-        return self.y1 - self.y0
-
-    @property
-    def yc(self) -> float:
-        return (self.y0 + self.y1) / 2
 
     def text(self) -> str:
         return " ".join(item.box.text.strip() for item in sorted(self.items, key=lambda i: i.x0) if item.box.text.strip())

@@ -12,12 +12,22 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, free_port, kill_group, manage, port_open, project_env, wait_until
+from tests.support import (
+    REPO,
+    free_port,
+    kill_group,
+    manage,
+    port_open,
+    processes_with_marker,
+    project_env,
+    wait_until,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -57,10 +67,6 @@ class Server:
         return self.log.read_text(errors="replace")[-4000:]
 
 
-def _serve_available() -> bool:
-    return any((REPO / app / "management" / "commands" / "serve.py").exists() for app in ("ocrsite", "scans", "vllm_control"))
-
-
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     if not Path(CHROMIUM).exists():
@@ -68,26 +74,15 @@ def chromium_path() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    if not _serve_available():
-        pytest.skip("`manage.py serve` does not exist yet")
-    data_dir = tmp_path_factory.mktemp("browser-data")
-    port, vllm_port = free_port(), free_port()
-    env = project_env(
-        data_dir,
-        {
-            "VLLM_PORT": str(vllm_port),
-            "VLLM_HOST": "127.0.0.1",
-            "VLLM_STOP_GRACE_MS": "1000",
-            "FAKE_VLLM_LATENCY": "0.5",
-            "FAKE_VLLM_STARTUP_DELAY": "3",
-            "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
-            "DEBUG": "1",
-        },
-    )
-    for args in (["migrate", "--noinput"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "s@example.com"],
-                 ["shell", "-c", SETTINGS_SCRIPT]):
+@contextmanager
+def running_server(data_dir: Path, extra_env: dict[str, str], settings_script: str | None) -> Iterator[Server]:
+    """`manage.py serve` on a free port with a fresh database, a staff user and optional saved settings."""
+    port = free_port()
+    env = project_env(data_dir, {"DJANGO_SUPERUSER_PASSWORD": PASSWORD, "DEBUG": "1", **extra_env})
+    setup = [["migrate", "--noinput"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "s@example.com"]]
+    if settings_script:
+        setup.append(["shell", "-c", settings_script])
+    for args in setup:
         result = manage(args, env)
         assert result.returncode == 0, result.stderr[-3000:]
     log = data_dir / "server.log"
@@ -111,14 +106,35 @@ def server(tmp_path_factory) -> Iterator[Server]:
         kill_group(process.pid)
         process.wait(timeout=10)
         # Anything the test double left behind (it is tagged with the test's marker) goes too.
-        from tests.support import processes_with_marker
-
         for pid in processes_with_marker(env["OCRSITE_TEST_MARKER"]):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """Local mode supervising the vLLM test double, with short supervision knobs."""
+    vllm_port = free_port()
+    extra = {
+        "VLLM_PORT": str(vllm_port),
+        "VLLM_HOST": "127.0.0.1",
+        "VLLM_STOP_GRACE_MS": "1000",
+        "FAKE_VLLM_LATENCY": "0.5",
+        "FAKE_VLLM_STARTUP_DELAY": "3",
+    }
+    with running_server(tmp_path_factory.mktemp("browser-data"), extra, SETTINGS_SCRIPT) as server:
+        yield server
+
+
+def login(page, server: Server) -> None:
+    page.goto(f"{server.url}/login/")
+    page.fill("input[name=username]", USERNAME)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit], input[type=submit]")
+    page.wait_for_url(f"{server.url}/scans/")
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +154,7 @@ def page(browser, server):
     context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(30_000)
-    page.goto(f"{server.url}/login/")
-    page.fill("input[name=username]", USERNAME)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button[type=submit], input[type=submit]")
-    page.wait_for_url(f"{server.url}/scans/")
+    login(page, server)
     try:
         yield page
     finally:

@@ -233,3 +233,18 @@ async def test_second_supervisor_on_the_same_port_observes(supervisors, port):
     assert len([s for s in (owner, other) if s.owner]) == 1
     await other.stop()
     assert owner.state == ServerState.READY and owner.status().pid
+
+
+async def test_a_long_healthy_run_resets_the_restart_count(port, tmp_path, test_marker):
+    supervisor = Supervisor(make_local_config(port), data_dir=tmp_path, stable_run_s=1.5)
+    try:
+        await supervisor.start()
+        first = (await supervisor.wait_ready(30)).pid
+        os.kill(first, signal.SIGKILL)
+        await wait_for(lambda: supervisor.status().pid not in (None, first) and supervisor.state == ServerState.READY,
+                       30, "the restart")
+        assert supervisor.restart_count == 1
+        await wait_for(lambda: supervisor.restart_count == 0, 10, "the count to reset after a stable run")
+        assert supervisor.state == ServerState.READY
+    finally:
+        await supervisor.stop()
