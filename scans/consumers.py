@@ -94,7 +94,7 @@ class ScanConsumer(LiveConsumer):
         if scan is None:  # deleted (or no longer visible) since connecting
             await self.close(code=CLOSE_FORBIDDEN)
             return {}
-        snapshot = await progress.abuild_scan_snapshot(scan)
+        snapshot = await sync_to_async(progress.build_scan_snapshot)(scan)
         self.last_status = snapshot["scan"]["status"]
         return snapshot
 

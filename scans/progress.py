@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, TypedDict
 
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from django.db import transaction
 from django.db.models import Count, Q
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 PREVIEW_CHARS = 300
 RATE_WINDOW_S = 60.0  # pages/s is measured over the pages finished in this trailing window
 SEND_TIMEOUT_S = 5.0
+PROGRESS_INTERVAL_S = 0.25
 ALL_SCANS_GROUP = "all-scans"
 EVENT_HANDLER = "live.event"  # consumers implement `live_event`
 
@@ -195,13 +196,6 @@ def scan_totals(scan: Scan, *, now: datetime | None = None) -> Totals:
     return compute_totals(scan, _Counts(**counts), start, now)
 
 
-async def ascan_totals(scan: Scan, *, now: datetime | None = None) -> Totals:
-    now = now or timezone.now()
-    start = _window_start(scan, now)
-    counts = await Page.objects.filter(scan_id=scan.pk).aaggregate(**_counts_query_kwargs(start))
-    return compute_totals(scan, _Counts(**counts), start, now)
-
-
 def _counts_query_kwargs(window_start: datetime) -> dict:
     return dict(
         total=Count("id"),
@@ -283,16 +277,6 @@ def build_scan_snapshot(scan: Scan) -> ScanSnapshotEvent:
     )
 
 
-async def abuild_scan_snapshot(scan: Scan) -> ScanSnapshotEvent:
-    pages = Page.objects.filter(scan_id=scan.pk).only(*_page_fields()).order_by("number")
-    return ScanSnapshotEvent(
-        type="scan.snapshot",
-        scan=scan_state(scan),
-        pages=[page_state(p) async for p in pages],
-        totals=await ascan_totals(scan),
-    )
-
-
 def build_list_snapshot(user, limit: int = 500) -> ScanListSnapshotEvent:
     """The user's scans (staff: everyone's), newest first, with page counts by status."""
     scans = list(visible_scans(user).select_related("owner").order_by("-created_at", "-id")[:limit])
@@ -351,14 +335,6 @@ async def _send(messages: list[Message], read_at: float) -> None:
             )
 
 
-async def _owner_name(scan: Scan) -> str:
-    from django.contrib.auth import get_user_model
-
-    User = get_user_model()
-    user = await User.objects.filter(pk=scan.owner_id).only(User.USERNAME_FIELD).afirst()
-    return user.get_username() if user else ""
-
-
 def _progress_messages(scan: Scan, totals: Totals, owner_name: str) -> list[Message]:
     return [
         ([scan_group(scan.pk)], ScanProgressEvent(type="scan.progress", scan_id=scan.pk, totals=totals)),
@@ -366,16 +342,44 @@ def _progress_messages(scan: Scan, totals: Totals, owner_name: str) -> list[Mess
     ]
 
 
+def _scan_messages(scan_id: int) -> list[Message]:
+    """The scan's committed state as messages; one trip to the database thread for all the reads."""
+    scan = Scan.objects.select_related("owner").get(pk=scan_id)
+    return _progress_messages(scan, scan_totals(scan), scan.owner.get_username())
+
+
+def _progress_due(scan_id: int) -> bool:
+    """Totals cost an aggregate over the scan's pages, so a scan's totals go out at most every
+    PROGRESS_INTERVAL_S from the page path; a trailing send covers the pages in between."""
+    now = time.monotonic()
+    if now - _last_progress.get(scan_id, 0.0) >= PROGRESS_INTERVAL_S:
+        if len(_last_progress) > 10_000:
+            _last_progress.clear()
+        _last_progress[scan_id] = now
+        return True
+    loop = asyncio.get_running_loop()
+    if _trailing_progress.get(scan_id) is not loop:  # none pending on this loop yet
+        _trailing_progress[scan_id] = loop
+        loop.call_later(PROGRESS_INTERVAL_S - (now - _last_progress[scan_id]), _send_trailing_progress, scan_id)
+    return False
+
+
+def _send_trailing_progress(scan_id: int) -> None:
+    _trailing_progress.pop(scan_id, None)
+    _last_progress[scan_id] = time.monotonic()
+    task = asyncio.get_running_loop().create_task(apublish_scan(Scan(pk=scan_id)))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
 async def apublish_page(page: Page) -> None:
     """A page changed (committed): its new state, then the scan's totals, to everyone watching."""
     read_at = time.time()
     try:
-        scan = await Scan.objects.aget(pk=page.scan_id)
-        totals = await ascan_totals(scan)
-        messages: list[Message] = [
-            ([scan_group(scan.pk)], PageUpdateEvent(type="page.update", scan_id=scan.pk, page=page_state(page))),
-            *_progress_messages(scan, totals, await _owner_name(scan)),
-        ]
+        update = PageUpdateEvent(type="page.update", scan_id=page.scan_id, page=page_state(page))
+        messages: list[Message] = [([scan_group(page.scan_id)], update)]
+        if _progress_due(page.scan_id):
+            messages += await sync_to_async(_scan_messages)(page.scan_id)
         await _send(messages, read_at)
     except Exception:
         logger.warning("Could not publish the progress of page %s of scan %s", page.number, page.scan_id, exc_info=True)
@@ -385,9 +389,7 @@ async def apublish_scan(scan: Scan) -> None:
     """A scan changed (committed): its status and totals to the scan page and the scan lists."""
     read_at = time.time()
     try:
-        scan = await Scan.objects.aget(pk=scan.pk)  # the committed row, not the caller's copy
-        totals = await ascan_totals(scan)
-        await _send(_progress_messages(scan, totals, await _owner_name(scan)), read_at)
+        await _send(await sync_to_async(_scan_messages)(scan.pk), read_at)
     except Exception:
         logger.warning("Could not publish the state of scan %s", scan.pk, exc_info=True)
 
@@ -406,8 +408,7 @@ def publish_scan_sync(scan_id: int) -> None:
         return
     read_at = time.time()
     try:
-        scan = Scan.objects.select_related("owner").get(pk=scan_id)
-        messages = _progress_messages(scan, scan_totals(scan), scan.owner.get_username())
+        messages = _scan_messages(scan_id)
         # In a sync view's thread under ASGI, async_to_sync runs this on the server's loop (where
         # the in-memory channel layer lives); in a plain thread it runs on a loop of its own.
         async_to_sync(_send)(messages, read_at)
@@ -415,7 +416,11 @@ def publish_scan_sync(scan_id: int) -> None:
         logger.warning("Could not publish the state of scan %s", scan_id, exc_info=True)
 
 
+
+
 _background: set[asyncio.Task] = set()
+_last_progress: dict[int, float] = {}  # scan id -> when its totals last went out (monotonic)
+_trailing_progress: dict[int, asyncio.AbstractEventLoop] = {}  # scan id -> loop with a trailing send pending
 
 
 def publish_scan_on_commit(scan: Scan) -> None:

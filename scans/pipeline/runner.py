@@ -434,7 +434,9 @@ class Runner:
         number = image.number
         path = Path(scan.file.path)
         try:
-            page = await _db(services.mark_page_running, scan_id=scan.pk, number=number, worker_id=self.worker_id)
+            page = await _db(
+                services.mark_page_running, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempts=1
+            )
             if page is None:
                 return  # not ours (any more)
             await _publish_page(page)
@@ -455,7 +457,9 @@ class Runner:
 
             async def on_attempt(attempt: int) -> None:
                 # Called right before each request: the last chance to honour a swallowed cancellation.
-                await _db(services.record_attempt, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempt=attempt)
+                if attempt > 1:  # the first attempt was recorded with the running mark
+                    await _db(services.record_attempt, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempt=attempt)
+                _raise_if_cancelling()
 
             try:
                 outcome = await ocr_page_with_retries(
