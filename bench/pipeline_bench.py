@@ -4,7 +4,7 @@
     .venv/bin/python bench/pipeline_bench.py --quick    # smaller documents, for a smoke run
 
 (a) zero-latency double: `manage.py ocr` pages/s versus the raw render+encode rate measured in the same
-    run (target >= 80 %): how much the pipeline adds on top of rendering.
+    run (target >= 80 %): how much the pipeline adds on top of rendering. Medians of 3 interleaved rounds.
 (b) 2 s latency, 32 concurrent requests at most on the server, `--concurrency 32`: pages/s versus the
     ideal 32 / 2 = 16 (target >= 90 %): whether the pipeline keeps the model server busy.
 (c) peak RSS of the `manage.py ocr` process for a 50-page and a 500-page PDF (target <= 400 MB, no growth).
@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from tests.support import FAKE_VLLM, free_port, kill_group, port_open, project_e
 
 MODEL = "bench/model"
 LONGEST_SIDE = 1288
+ROUNDS = 3
 SUMMARY = re.compile(r"Summary: .*?(\d+) pages, (\d+) failed.*?([\d.]+) pages/s")
 
 
@@ -186,10 +188,18 @@ def main() -> None:
         pdf_large = make_pdf(workdir / "large.pdf", large)
 
         print("(a) raw render+encode, then manage.py ocr against a zero-latency double ...", flush=True)
-        raw = raw_render_rate(pdf_a, pages_a)
+        # This machine's speed drifts by +-15 % within minutes, so the three measurements take turns,
+        # ROUNDS times, and the medians are compared.
+        raws, loops, runs, wrong = [], [], [], 0
         with Double(workdir) as double:
-            loop_rate, wrong = engine_loop_rate(pdf_a, pages_a, double.base_url, concurrency=16)
-            run_a = run_ocr(workdir, pdf_a, double, concurrency=16)
+            for _ in range(ROUNDS):
+                raws.append(raw_render_rate(pdf_a, pages_a))
+                loop, wrong_now = engine_loop_rate(pdf_a, pages_a, double.base_url, concurrency=16)
+                loops.append(loop)
+                wrong += wrong_now
+                runs.append(run_ocr(workdir, pdf_a, double, concurrency=16))
+        raw, loop_rate = statistics.median(raws), statistics.median(loops)
+        run_a = sorted(runs, key=lambda run: run.pages_per_s)[len(runs) // 2]
         ratio_a = run_a.pages_per_s / raw
         ratio_loop = loop_rate / raw
         rows.append(Row("(a) raw render+encode", f"{raw:.1f} pages/s", "", "", "", None))

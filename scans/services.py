@@ -233,19 +233,18 @@ def release_scan(*, scan_id: int, worker_id: str, requeue: bool) -> None:
 
 def mark_page_running(*, scan_id: int, number: int, worker_id: str, attempts: int | None = None) -> Page | None:
     """Claim one page of a scan this worker holds; None when it is not ours to process."""
-    now = timezone.now()
+    changes: dict = {"status": Page.Status.RUNNING, "worker_id": worker_id, "started_at": timezone.now()}
+    if attempts is not None:
+        changes["attempts"] = attempts
     with transaction.atomic():
-        if not Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING, worker_id=worker_id).exists():
-            return None
-        changes: dict = {"status": Page.Status.RUNNING, "worker_id": worker_id, "started_at": now}
-        if attempts is not None:
-            changes["attempts"] = attempts
-        changed = Page.objects.filter(scan_id=scan_id, number=number).filter(
-            Q(status=Page.Status.PENDING) | Q(status=Page.Status.RUNNING, worker_id__in=("", worker_id))
+        changed = Page.objects.filter(
+            Q(status=Page.Status.PENDING) | Q(status=Page.Status.RUNNING, worker_id__in=("", worker_id)),
+            scan_id=scan_id,
+            number=number,
+            scan__status=Scan.Status.PROCESSING,
+            scan__worker_id=worker_id,
         ).update(**changes)
-        if not changed:
-            return None
-        return Page.objects.get(scan_id=scan_id, number=number)
+        return Page.objects.get(scan_id=scan_id, number=number) if changed else None
 
 
 def record_attempt(*, scan_id: int, number: int, worker_id: str, attempt: int) -> None:
@@ -292,9 +291,10 @@ def commit_page_result(
                 output_tokens=F("output_tokens") + output_tokens,
                 heartbeat_at=Coalesce(F("heartbeat_at"), now),
             )
-        scan_status = Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first()
-    page = Page.objects.filter(scan_id=scan_id, number=number).first() if changed else None
-    return PageCommit(page, scan_status)
+        if changed:
+            page = Page.objects.select_related("scan").get(scan_id=scan_id, number=number)
+            return PageCommit(page, page.scan.status)
+        return PageCommit(None, Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first())
 
 
 def finish_scan(*, scan_id: int, worker_id: str, error: str = "", failed: bool = False) -> Scan | None:

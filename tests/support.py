@@ -49,19 +49,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def processes_in_group(pgid: int) -> list[int]:
-    """Live (non-zombie) pids whose process group is `pgid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
+    from vllm_control.supervisor import group_members  # needs Django set up; bench imports this module before
+
+    return group_members(pgid)
 
 
 def processes_with_marker(marker: str) -> list[int]:

@@ -533,11 +533,18 @@ class Supervisor:
                 raw = await proc.stdout.read(1 << 16)
             if not raw:
                 return
-            line = raw.decode(errors="replace").rstrip("\r\n")
+            line = self._redact(raw.decode(errors="replace").rstrip("\r\n"))
             vllm_logger.info("[vllm:%d] %s", proc.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
             self._publish_log_soon()
+
+    def _redact(self, line: str) -> str:
+        """Some vLLM versions log their arguments, API key included; the log tail reaches the browser."""
+        for secret in (self.config.api_key, self.config.hf_token):
+            if secret:
+                line = line.replace(secret, "***")
+        return line
 
     # --- stopping and cleaning up process groups -----------------------------------------------------------
     async def _terminate(self, *, graceful: bool) -> None:

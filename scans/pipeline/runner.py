@@ -194,8 +194,11 @@ class Runner:
         """Claim and process queued scans until `stop()` (or, with `once`, until the queue is empty)."""
         await self._setup()
         try:
+            recovered_at = 0.0
             while not self._stopping:
-                await _db(services.recover_stale_claims, stale_after=stale_after())
+                if time.monotonic() - recovered_at >= poll_interval():  # not on every wake-up
+                    await _db(services.recover_stale_claims, stale_after=stale_after())
+                    recovered_at = time.monotonic()
                 await self._claim_while_capacity()
                 if self.once and not self._active:
                     return

@@ -135,3 +135,17 @@ def test_script_in_page_text_renders_inert(page, server, tmp_path: Path):
     page.wait_for_timeout(300)
     assert page.evaluate("window.__pwned") is None
     assert dialogs == []
+
+
+def test_settings_page_stop_start_and_test_connection_buttons(page, server):
+    page.goto(f"{server.url}/settings/")
+    page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
+    page.click("#server-controls button:has-text('Test connection')")
+    page.wait_for_function("() => document.querySelector('#server-control-result').textContent.length > 1")
+    assert "error" not in (page.locator("#server-control-result").get_attribute("class") or "")
+
+    page.click("#server-controls button:has-text('Stop')")
+    page.wait_for_selector("#server-status[data-state=stopped]", timeout=30_000)
+    assert page.locator("#server-control-result").inner_text() == "The vLLM server was stopped."
+    page.click("#server-controls button:has-text('Start')")
+    page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
