@@ -35,9 +35,11 @@ def _after_commit_publish(scan_id: int) -> None:
         publish_scan_on_commit(scan)
 
 
-def _wake_on_commit() -> None:
+def announce_queued(*, scan_id: int) -> None:
+    """Once the current transaction commits: tell the browsers, and wake this process's runner."""
     from scans.pipeline.runner import wake_runner
 
+    _after_commit_publish(scan_id)
     transaction.on_commit(wake_runner)
 
 
@@ -62,8 +64,7 @@ def queue_scan(*, scan: Scan, options: dict | None = None, priority: int | None 
         if priority is not None:
             changes["priority"] = priority
         Scan.objects.filter(pk=scan.pk).exclude(status=Scan.Status.PROCESSING).update(**changes)
-        _after_commit_publish(scan.pk)
-        _wake_on_commit()
+        announce_queued(scan_id=scan.pk)
     scan.refresh_from_db()
     return scan
 
@@ -86,8 +87,7 @@ def retry_failed_pages(*, scan: Scan) -> int:
         Scan.objects.filter(pk=scan.pk).update(
             status=Scan.Status.QUEUED, error="", worker_id="", heartbeat_at=None, finished_at=None
         )
-        _after_commit_publish(scan.pk)
-        _wake_on_commit()
+        announce_queued(scan_id=scan.pk)
     scan.refresh_from_db()
     return unfinished
 

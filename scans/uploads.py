@@ -20,7 +20,8 @@ from django.db import transaction
 from PIL import Image, UnidentifiedImageError
 from pypdf import PdfReader
 
-from scans.models import Page, Scan
+from scans import services
+from scans.models import Scan
 from scans.pipeline.render import pdfium_lock
 
 MAX_IMAGE_PIXELS = 16_000 * 16_000  # larger is treated as a decompression bomb
@@ -203,20 +204,12 @@ def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, or
                 has_text_layer=inspection.has_text_layer,
                 options=options or {},
             )
-            Page.objects.bulk_create(Page(scan=scan, number=n) for n in range(1, inspection.page_count + 1))
-            _announce_on_commit(scan)
+            services.create_pages(scan)
+            services.announce_queued(scan_id=scan.pk)
     except BaseException:
         destination.unlink(missing_ok=True)
         raise
     return scan
-
-
-def _announce_on_commit(scan: Scan) -> None:
-    from scans.pipeline.runner import wake_runner
-    from scans.progress import publish_scan_on_commit
-
-    publish_scan_on_commit(scan)
-    transaction.on_commit(wake_runner)
 
 
 def create_scan_from_upload(*, owner: AbstractBaseUser, uploaded_file: UploadedFile, options: dict | None = None) -> Scan:

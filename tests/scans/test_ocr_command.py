@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.pages import make_image, make_pdf
-from tests.scans.ocr_processes import copy_data_dir, migrated_data_dir, query
+from tests.scans.ocr_processes import query
 from tests.scans.pipeline.helpers import MODEL, fake_vllm
 from tests.support import manage, project_env
 
@@ -19,15 +19,6 @@ SUMMARY = re.compile(
     r"Summary: (\d+) file\(s\), (\d+) pages, (\d+) failed, (\d+) fallback, [\d.]+ pages/s, [\d.]+ tokens/s"
 )
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return migrated_data_dir(tmp_path_factory.mktemp("ocr-template") / "data")
-
-
-@pytest.fixture
-def data_dir(template, tmp_path) -> Path:
-    return copy_data_dir(template, tmp_path / "data")
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.pages import make_pdf
-from tests.scans.ocr_processes import copy_data_dir, migrated_data_dir, query, start_manage
+from tests.scans.ocr_processes import query, start_manage
 from tests.scans.pipeline.helpers import MODEL, fake_vllm
 from tests.support import kill_group, manage, project_env, wait_until
 
@@ -20,15 +20,6 @@ pytestmark = pytest.mark.timeout(120)
 KNOBS = {"OCRSITE_RUNNER_POLL_MS": "200", "OCRSITE_CLAIM_STALE_MS": "1500"}
 PAGES = 12
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return migrated_data_dir(tmp_path_factory.mktemp("worker-template") / "data")
-
-
-@pytest.fixture
-def data_dir(template, tmp_path) -> Path:
-    return copy_data_dir(template, tmp_path / "data")
 
 
 def queue_pdf(tmp_path: Path, env: dict, base_url: str) -> int:
