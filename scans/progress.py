@@ -28,6 +28,8 @@ from scans.models import Page, Scan
 logger = logging.getLogger(__name__)
 
 PREVIEW_CHARS = 300
+# What a page's live event shows (page_state below).
+PAGE_STATE_FIELDS = ("id", "scan_id", "number", "status", "attempts", "latency_ms", "text", "error", "fallback")
 RATE_WINDOW_S = 60.0  # pages/s is measured over the pages finished in this trailing window
 SEND_TIMEOUT_S = 5.0
 PROGRESS_INTERVAL_S = 0.25
@@ -263,12 +265,8 @@ def _detail_url(scan_id: int) -> str:
         return ""
 
 
-def _page_fields() -> tuple[str, ...]:
-    return ("id", "scan_id", "number", "status", "attempts", "latency_ms", "text", "error", "fallback")
-
-
 def build_scan_snapshot(scan: Scan) -> ScanSnapshotEvent:
-    pages = Page.objects.filter(scan_id=scan.pk).only(*_page_fields()).order_by("number")
+    pages = Page.objects.filter(scan_id=scan.pk).only(*PAGE_STATE_FIELDS).order_by("number")
     return ScanSnapshotEvent(
         type="scan.snapshot",
         scan=scan_state(scan),

@@ -17,6 +17,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from scans.models import Page, Scan
+from scans.progress import PAGE_STATE_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def mark_page_running(*, scan_id: int, number: int, worker_id: str, attempts: in
             scan__status=Scan.Status.PROCESSING,
             scan__worker_id=worker_id,
         ).update(**changes)
-        return Page.objects.get(scan_id=scan_id, number=number) if changed else None
+        return Page.objects.only(*PAGE_STATE_FIELDS).get(scan_id=scan_id, number=number) if changed else None
 
 
 def record_attempt(*, scan_id: int, number: int, worker_id: str, attempt: int) -> None:
@@ -276,25 +277,25 @@ def commit_page_result(
     metadata: dict,
 ) -> PageCommit:
     """Store a page's result and add its tokens to the scan's totals, in one transaction."""
-    now = timezone.now()
+    result = dict(
+        status=status, text=text, fallback=fallback, attempts=attempts, error=error,
+        input_tokens=input_tokens, output_tokens=output_tokens, latency_ms=latency_ms,
+        finish_reason=finish_reason[:30], metadata=metadata, finished_at=timezone.now(),
+    )
     with transaction.atomic():
         changed = Page.objects.filter(
             scan_id=scan_id, number=number, status=Page.Status.RUNNING, worker_id=worker_id
-        ).update(
-            status=status, text=text, fallback=fallback, attempts=attempts, error=error,
-            input_tokens=input_tokens, output_tokens=output_tokens, latency_ms=latency_ms,
-            finish_reason=finish_reason[:30], metadata=metadata, finished_at=now,
-        )
+        ).update(**result)
         if changed:
             Scan.objects.filter(pk=scan_id).update(
                 input_tokens=F("input_tokens") + input_tokens,
                 output_tokens=F("output_tokens") + output_tokens,
-                heartbeat_at=Coalesce(F("heartbeat_at"), now),
+                heartbeat_at=Coalesce(F("heartbeat_at"), result["finished_at"]),
             )
-        if changed:
-            page = Page.objects.select_related("scan").get(scan_id=scan_id, number=number)
-            return PageCommit(page, page.scan.status)
-        return PageCommit(None, Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first())
+        scan_status = Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first()
+    # The row as just written (no need to read it back).
+    page = Page(scan_id=scan_id, number=number, worker_id=worker_id, **result) if changed else None
+    return PageCommit(page, scan_status)
 
 
 def finish_scan(*, scan_id: int, worker_id: str, error: str = "", failed: bool = False) -> Scan | None:

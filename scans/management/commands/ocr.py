@@ -76,12 +76,15 @@ class Progress:
     fallback: int = 0
     output_tokens: int = 0
     started: float = field(default_factory=time.monotonic)
+    last_page_at: float | None = None
 
     def rate(self, value: float) -> float:
-        elapsed = time.monotonic() - self.started
+        """Per second of processing: from the start to the last page committed (not writing the outputs)."""
+        elapsed = (self.last_page_at or time.monotonic()) - self.started
         return value / elapsed if elapsed > 0 else 0.0
 
     def page(self, scan: Scan, page: Page) -> None:
+        self.last_page_at = time.monotonic()
         self.done += 1
         self.failed += page.status == Page.Status.FAILED
         self.fallback += page.fallback
