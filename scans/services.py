@@ -24,8 +24,6 @@ logger = logging.getLogger(__name__)
 UNFINISHED_PAGES = (Page.Status.PENDING, Page.Status.RUNNING)
 ACTIVE_SCANS = (Scan.Status.QUEUED, Scan.Status.PROCESSING)
 
-# Keys of Scan.options the runner understands (see `manage.py ocr --help`).
-OPTION_KEYS = ("prompt", "model", "base_url", "api_key", "concurrency", "engine")
 
 
 def _after_commit_publish(scan_id: int) -> None:
@@ -53,21 +51,6 @@ def create_pages(scan: Scan) -> int:
     missing = [Page(scan=scan, number=n) for n in range(1, scan.page_count + 1) if n not in existing]
     Page.objects.bulk_create(missing)
     return len(missing)
-
-
-def queue_scan(*, scan: Scan, options: dict | None = None, priority: int | None = None) -> Scan:
-    """(Re)queue a scan that is not being processed: its unfinished pages will be sent."""
-    with transaction.atomic():
-        create_pages(scan)
-        changes: dict = {"status": Scan.Status.QUEUED, "error": "", "worker_id": "", "heartbeat_at": None, "finished_at": None}
-        if options is not None:
-            changes["options"] = {k: v for k, v in options.items() if v not in (None, "")}
-        if priority is not None:
-            changes["priority"] = priority
-        Scan.objects.filter(pk=scan.pk).exclude(status=Scan.Status.PROCESSING).update(**changes)
-        announce_queued(scan_id=scan.pk)
-    scan.refresh_from_db()
-    return scan
 
 
 def retry_failed_pages(*, scan: Scan) -> int:

@@ -33,10 +33,6 @@ class ServerStatus:
     latency_ms: float | None = None
     supervised_here: bool = False  # this process runs the server (Local mode, holds the port lock)
 
-    @property
-    def ready(self) -> bool:
-        return self.state == ServerState.READY
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data["state"] = str(self.state)

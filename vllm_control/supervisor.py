@@ -233,10 +233,6 @@ class Supervisor:
     def add_listener(self, callback: Callable[[ServerStatus], None]) -> None:
         self._listeners.append(callback)
 
-    def remove_listener(self, callback: Callable[[ServerStatus], None]) -> None:
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(callback)
-
     def _set_state(self, new: ServerState, *, error: object = _KEEP) -> None:
         if new not in TRANSITIONS[self.state] and new != self.state:
             raise InvalidTransition(f"{self.state} -> {new}")

@@ -9,7 +9,8 @@ from django.contrib.auth import get_user_model
 
 from scans import exports
 from scans.models import Page, Scan
-from scans.selectors import document_markdown, scan_summary
+from scans.progress import scan_totals
+from scans.selectors import document_markdown
 
 pytestmark = pytest.mark.django_db
 
@@ -83,7 +84,7 @@ def test_json_has_the_documented_shape_with_pages_in_order(scan):
     assert data["pages"][3]["fallback"] is True
 
 
-def test_summary_counts_pages(scan):
-    summary = scan_summary(scan)
-    assert (summary.done, summary.failed, summary.fallback, summary.pending, summary.running) == (3, 1, 1, 0, 0)
-    assert summary.output_tokens == 30 and summary.page_count == 4
+def test_totals_count_pages(scan):
+    totals = scan_totals(scan)
+    assert (totals["done"], totals["failed"], totals["fallback"], totals["pending"], totals["running"]) == (3, 1, 1, 0, 0)
+    assert totals["total"] == 4

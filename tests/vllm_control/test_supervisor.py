@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.support import pid_alive, processes_in_group, processes_with_marker
+from tests.support import pid_alive, processes_in_group
 from tests.vllm_control.conftest import make_local_config
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.status import ServerState

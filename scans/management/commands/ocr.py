@@ -22,7 +22,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from scans import exports, services
 from scans.models import Page, Scan
 from scans.pipeline.runner import Runner, poll_interval
-from scans.selectors import scan_summary
+from scans.progress import scan_totals
 from scans.uploads import UploadRejected, create_scan_from_path
 from vllm_control.config import normalize_base_url
 
@@ -223,11 +223,11 @@ class Command(BaseCommand):
         total = failed = fallback = 0
         for scan_id in ids:
             scan = Scan.objects.get(pk=scan_id)
-            summary = scan_summary(scan)
-            total += summary.page_count
-            failed += summary.failed
-            fallback += summary.fallback
-            all_done &= summary.done == summary.page_count
+            totals = scan_totals(scan)
+            total += totals["total"]
+            failed += totals["failed"]
+            fallback += totals["fallback"]
+            all_done &= totals["done"] == totals["total"]
             if scan.status == Scan.Status.FAILED:
                 self.stderr.write(f"{scan.original_filename} (scan {scan.pk}): failed: {scan.error}")
             if scan.status in (Scan.Status.DONE, Scan.Status.DONE_WITH_ERRORS):
@@ -239,7 +239,7 @@ class Command(BaseCommand):
                 target.write_text(render_output(scan, fmt), encoding="utf-8")
                 self.stdout.write(
                     f"{scan.original_filename} (scan {scan.pk}): {scan.get_status_display().lower()}, "
-                    f"{summary.done}/{summary.page_count} pages done -> {target}"
+                    f"{totals['done']}/{totals['total']} pages done -> {target}"
                 )
             elif scan.status != Scan.Status.FAILED:
                 self.stderr.write(f"{scan.original_filename} (scan {scan.pk}): {scan.status}")
