@@ -14,6 +14,8 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from ocrsite.asgi import application
+from ocrsite.settings import redis_channel_layer
+from scans import progress
 from scans.models import Page
 from tests.support import REDIS_URL, REPO, project_env, service_available
 from tests.test_live_consumers import TIMEOUT, make_scan, session_headers
@@ -35,8 +37,8 @@ PUBLISHER = textwrap.dedent(
     from django.core.management import call_command
     from django.contrib.auth import get_user_model
     from django.utils import timezone
-    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [os.environ["LIVE_REDIS_URL"]], "prefix": os.environ["LIVE_PREFIX"]}}}
+    from ocrsite.settings import redis_channel_layer
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(os.environ["LIVE_REDIS_URL"], prefix=os.environ["LIVE_PREFIX"])}
     call_command("migrate", verbosity=0)
     from scans.models import Page, Scan
     from scans.progress import apublish_page
@@ -58,12 +60,7 @@ def redis_layer(settings):
     if not service_available(REDIS_HOST, int(REDIS_PORT)):
         pytest.skip(f"Redis is not reachable at {REDIS_URL}")
     prefix = f"ocrsite-test-{uuid.uuid4().hex[:12]}"
-    settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": prefix},
-        }
-    }
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL, prefix=prefix)}
     return prefix
 
 
@@ -93,3 +90,19 @@ async def test_page_published_by_another_process_reaches_this_process(redis_laye
     assert progress_event["type"] == "scan.progress" and progress_event["totals"]["done"] == 1
     await communicator.disconnect()
     assert await Page.objects.filter(scan=scan, status="done").acount() == 0  # our DB was never touched
+
+
+async def test_an_idle_socket_survives_the_blocking_read_and_still_gets_events(redis_layer, user):
+    """redis-py 8's default 5 s read timeout used to crash every consumer idle for 5 s (and so
+    reconnect every browser every 5 s)."""
+    scan = await sync_to_async(make_scan)(user, pages=1, status="processing")
+    headers = await sync_to_async(session_headers)(user)
+    communicator = WebsocketCommunicator(application, f"/ws/scans/{scan.pk}/", headers=headers)
+    assert (await communicator.connect(timeout=TIMEOUT))[0]
+    assert (await communicator.receive_json_from(timeout=TIMEOUT))["type"] == "scan.snapshot"
+    assert await communicator.receive_nothing(timeout=8, interval=0.5)  # longer than the blocking pop
+    page = await Page.objects.aget(scan=scan, number=1)
+    await progress.apublish_page(page)
+    update = await communicator.receive_json_from(timeout=TIMEOUT)
+    assert update["type"] == "page.update" and update["page"]["number"] == 1
+    await communicator.disconnect()
