@@ -7,6 +7,7 @@ test double as VLLM_BIN (Local mode, autostart) with short supervision knobs.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,3 +160,47 @@ def page(browser, server):
         yield page
     finally:
         context.close()
+
+
+# Records every state a live element goes through, so a test can tell a live change from a reload.
+WATCH_STATES = """
+([selector, attribute]) => {
+  window.__loadMarker = window.__loadMarker || Math.random();
+  window.__seen = window.__seen || {};
+  const record = (element) => {
+    const key = element.id || selector;
+    const value = element.getAttribute(attribute);
+    const list = (window.__seen[key] = window.__seen[key] || []);
+    if (list[list.length - 1] !== value) list.push(value);
+  };
+  for (const element of document.querySelectorAll(selector)) {
+    record(element);
+    new MutationObserver(() => record(element)).observe(element, { attributes: true, attributeFilter: [attribute] });
+  }
+  return window.__loadMarker;
+}
+"""
+
+
+def states_seen(page, key: str) -> list[str]:
+    return page.evaluate("(key) => (window.__seen || {})[key] || []", key)
+
+
+def upload_and_watch_until_done(page, server: Server, pdf: Path, pages: int) -> list[list[str]]:
+    """Upload through the page, then wait, without reloading, until the scan and its pages are done.
+    Returns each page's status history as the browser showed it."""
+    page.goto(f"{server.url}/scans/upload/")
+    page.set_input_files("#files", str(pdf))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_url(re.compile(r".*/scans/\d+/$"))
+    marker = page.evaluate(WATCH_STATES, ["li.page", "data-status"])
+    page.wait_for_function(
+        "() => document.querySelector('#scan').dataset.status === 'done'"
+        " && [...document.querySelectorAll('li.page')].every((li) => li.dataset.status === 'done')",
+        timeout=90_000,
+    )
+    assert page.evaluate("window.__loadMarker") == marker, "the page reloaded"
+    histories = [states_seen(page, f"page-{n}") for n in range(1, pages + 1)]
+    assert all(history[-1] == "done" for history in histories), histories
+    return histories
+

@@ -10,41 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser.conftest import WATCH_STATES, states_seen, upload_and_watch_until_done
 from tests.fakes.pages import make_pdf
 from tests.support import manage
 
 pytestmark = pytest.mark.browser
-
-# Records every state a live element goes through, so a test can tell a live change from a reload.
-WATCH_STATES = """
-([selector, attribute]) => {
-  window.__loadMarker = window.__loadMarker || Math.random();
-  window.__seen = window.__seen || {};
-  const record = (element) => {
-    const key = element.id || selector;
-    const value = element.getAttribute(attribute);
-    const list = (window.__seen[key] = window.__seen[key] || []);
-    if (list[list.length - 1] !== value) list.push(value);
-  };
-  for (const element of document.querySelectorAll(selector)) {
-    record(element);
-    new MutationObserver(() => record(element)).observe(element, { attributes: true, attributeFilter: [attribute] });
-  }
-  return window.__loadMarker;
-}
-"""
-
-
-def _states(page, key: str) -> list[str]:
-    return page.evaluate("(key) => (window.__seen || {})[key] || []", key)
-
 
 def test_settings_page_shows_start_then_a_crash_and_restart(page, server):
     """Runs first in this module: the model server was autostarted with a 3 s start-up delay."""
     page.goto(f"{server.url}/settings/")
     marker = page.evaluate(WATCH_STATES, ["#server-status", "data-state"])
     page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
-    assert "starting" in _states(page, "server-status"), _states(page, "server-status")
+    assert "starting" in states_seen(page, "server-status"), states_seen(page, "server-status")
     assert page.locator("#server-indicator").get_attribute("data-state") == "ready"
     pid = int(page.locator("#server-status [data-field=pid]").get_attribute("data-pid"))
     assert pid > 0
@@ -58,7 +35,7 @@ def test_settings_page_shows_start_then_a_crash_and_restart(page, server):
         arg=pid,
         timeout=60_000,
     )
-    after_kill = _states(page, "server-status")
+    after_kill = states_seen(page, "server-status")
     assert after_kill[-1] == "ready"
     assert {"unhealthy", "starting", "failed"} & set(after_kill[after_kill.index("ready") + 1:]), after_kill
     assert page.evaluate("window.__loadMarker") == marker  # no reload happened
@@ -67,21 +44,7 @@ def test_settings_page_shows_start_then_a_crash_and_restart(page, server):
 
 def test_upload_watch_pages_complete_read_and_download(page, server, tmp_path: Path):
     pages = 4
-    pdf = make_pdf(tmp_path / "four-pages.pdf", pages)
-    page.goto(f"{server.url}/scans/upload/")
-    page.set_input_files("#files", str(pdf))
-    page.click("#upload-form button[type=submit]")
-    page.wait_for_url(re.compile(r".*/scans/\d+/$"))
-    marker = page.evaluate(WATCH_STATES, ["li.page", "data-status"])
-
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('li.page')].every((li) => li.dataset.status === 'done')"
-        " && document.querySelector('#scan').dataset.status === 'done'",
-        timeout=90_000,
-    )
-    assert page.evaluate("window.__loadMarker") == marker, "the page reloaded"
-    histories = [_states(page, f"page-{n}") for n in range(1, pages + 1)]
-    assert all(history[-1] == "done" for history in histories)
+    histories = upload_and_watch_until_done(page, server, make_pdf(tmp_path / "four-pages.pdf", pages), pages)
     assert any(len(history) > 1 for history in histories), f"no page changed live: {histories}"
 
     texts = page.locator("li.page [data-field=text]").all_inner_texts()

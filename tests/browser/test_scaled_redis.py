@@ -4,14 +4,12 @@ channel layer. Pages processed by the worker reach the browser connected to the 
 from __future__ import annotations
 
 import random
-import re
 import signal
 from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import login, running_server
-from tests.browser.test_live_browser import WATCH_STATES, _states
+from tests.browser.conftest import login, running_server, upload_and_watch_until_done
 from tests.fakes.pages import make_pdf
 from tests.scans.ocr_processes import start_manage
 from tests.scans.pipeline.helpers import MODEL, start_fake_vllm, stop_fake_vllm
@@ -57,19 +55,7 @@ def test_pages_processed_by_a_worker_reach_the_browser_live(browser, scaled, tmp
     page = context.new_page()
     page.set_default_timeout(30_000)
     login(page, server)
-    page.goto(f"{server.url}/scans/upload/")
-    page.set_input_files("#files", str(make_pdf(tmp_path / "pages.pdf", PAGES)))
-    page.click("#upload-form button[type=submit]")
-    page.wait_for_url(re.compile(r".*/scans/\d+/$"))
-    marker = page.evaluate(WATCH_STATES, ["li.page", "data-status"])
-    page.wait_for_function(
-        "() => document.querySelector('#scan').dataset.status === 'done'"
-        " && [...document.querySelectorAll('li.page')].every((li) => li.dataset.status === 'done')",
-        timeout=60_000,
-    )
-    assert page.evaluate("window.__loadMarker") == marker, "the page reloaded"
-    histories = [_states(page, f"page-{n}") for n in range(1, PAGES + 1)]
-    assert all(history[-1] == "done" for history in histories), histories
+    upload_and_watch_until_done(page, server, make_pdf(tmp_path / "pages.pdf", PAGES), PAGES)
     # Events, not just the snapshot taken on connecting: each page's "done" came over Redis.
     assert page.evaluate("window.ocrsiteLive.events") >= PAGES // 2
     texts = page.locator("li.page [data-field=text]").all_inner_texts()
