@@ -29,9 +29,7 @@ ACTIVE_SCANS = (Scan.Status.QUEUED, Scan.Status.PROCESSING)
 def _after_commit_publish(scan_id: int) -> None:
     from scans.progress import publish_scan_on_commit
 
-    scan = Scan.objects.filter(pk=scan_id).first()
-    if scan is not None:
-        publish_scan_on_commit(scan)
+    publish_scan_on_commit(Scan(pk=scan_id))  # it reads the committed row itself
 
 
 def announce_queued(*, scan_id: int) -> None:

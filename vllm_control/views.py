@@ -15,7 +15,9 @@ from vllm_control.models import Mode, VLMSettings
 @staff_member_required(login_url="login")
 def settings_page(request: HttpRequest) -> HttpResponse:
     row = VLMSettings.load()
-    before = resolve_config(row)
+    # Read before the form binds: validation writes the submitted values into `row`, and the page
+    # shows what is saved until a save succeeds.
+    before, options = resolve_config(row), describe_options(row)
     form = VLMSettingsForm(request.POST or None, instance=row)
     if request.method == "POST" and form.is_valid():
         try:
@@ -27,7 +29,6 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             runtime.settings_changed(old=before, new=after)
             messages.success(request, "Settings saved.")
             return redirect("vllm_control:settings")
-    config = resolve_config(VLMSettings.load())
     sections = [(title, [form[name] for name in names]) for title, names in SECTIONS.items()]
     return render(
         request,
@@ -36,8 +37,8 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "form": form,
             "sections": sections,
             "clear_fields": form.secret_rows(),
-            "config": config,
-            "mode_label": Mode(config.mode).label,
-            "options": describe_options(row),
+            "config": before,
+            "mode_label": Mode(before.mode).label,
+            "options": options,
         },
     )
