@@ -13,7 +13,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from ocrsite.routing import websocket_urlpatterns  # noqa: E402
-from vllm_control.lifespan import LifespanApp  # noqa: E402
+from ocrsite.lifespan import LifespanApp  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

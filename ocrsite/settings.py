@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "channels",
     "scans",
     "vllm_control",
+    "ocrsite",
 ]
 
 MIDDLEWARE = [

@@ -1,4 +1,8 @@
-"""The ASGI `lifespan` protocol: start what the process supervises, stop it on shutdown."""
+"""The ASGI `lifespan` protocol: the site's composition of both apps at start-up and shutdown.
+
+Start-up: the Local model server (when configured to start with the site), then the OCR runner.
+Shutdown: the runner first (its in-flight pages go back to the queue), then the model server, waited for.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,24 @@ import logging
 
 from django.conf import settings
 
+from scans.pipeline.runner import start_embedded_runner, stop_embedded_runner
+from vllm_control import runtime
+from vllm_control.config import aresolve_config
+
 logger = logging.getLogger(__name__)
 
 
 async def startup() -> None:
-    """Runs once when the ASGI server starts: the Local model server (autostart), then the OCR runner."""
-    from vllm_control import runtime
-    from vllm_control.config import aresolve_config
-
     runtime.bind_loop()  # the supervisor lives on the server's loop for the life of the process
     config = await aresolve_config()
     if config.mode == "local" and config.local.autostart:
         await runtime.start_local(config)
     if settings.OCRSITE_EMBEDDED_RUNNER:
-        from scans.pipeline.runner import start_embedded_runner
-
         await start_embedded_runner()
 
 
 async def shutdown() -> None:
-    """Runs once when the ASGI server stops; waits until everything started here has stopped."""
-    from vllm_control import runtime
-
-    from scans.pipeline.runner import stop_embedded_runner
-
+    """Waits until everything started here has stopped."""
     try:
         await stop_embedded_runner()
     finally:
