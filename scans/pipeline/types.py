@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from vllm_control.config import OCRConfig
 
@@ -18,6 +18,32 @@ class PageImage:
     rotation: int = 0  # degrees clockwise applied when rendering (olmOCR rotation correction)
 
 
+BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the page image, origin top-left
+
+
+class WordBox(TypedDict):
+    text: str
+    bbox: BBox
+    conf: float  # 0-100 (Tesseract's scale; engines with 0-1 scores multiply by 100)
+
+
+class LineBox(TypedDict):
+    bbox: BBox
+    conf: float
+    words: list[WordBox]
+
+
+class PageLayout(TypedDict):
+    """Where an engine found the text: lines in reading order, each with its words.
+
+    `width`/`height` are those of the image the engine read (after any rotation it applied), so a
+    consumer (the searchable PDF) scales boxes to the page as `x * page_width / width`."""
+
+    width: int
+    height: int
+    lines: list[LineBox]
+
+
 @dataclass
 class PageResult:
     text: str
@@ -26,6 +52,7 @@ class PageResult:
     latency_ms: int = 0
     finish_reason: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    layout: PageLayout | None = None  # CPU engines give word boxes; VLM answers do not
 
 
 class Engine(Protocol):
