@@ -87,7 +87,7 @@ def engine_loop_rate(path: Path, pages: int, base_url: str, concurrency: int) ->
     from scans.pipeline.page_ocr import ocr_page_with_retries
     from scans.pipeline.render import render_pages
     from scans.pipeline.vllm_engine import VLLMEngine
-    from vllm_control.config import OCRConfig
+    from scans.pipeline.options import OCRConfig
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     ocr = OCRConfig("markdown", "", LONGEST_SIDE, "png", 4096, 0.0, 3, concurrency, 60)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import html
+import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 from scans.models import Page, Scan
@@ -125,3 +127,20 @@ def export_json(scan: Scan) -> dict[str, Any]:
         },
         "pages": pages,
     }
+
+
+def _export_json_text(scan: Scan) -> str:
+    return json.dumps(export_json(scan), ensure_ascii=False, indent=2) + "\n"
+
+
+# The downloadable formats: extension -> (Content-Type, exporter). Views and `manage.py ocr` use this.
+FORMATS: dict[str, tuple[str, Callable[[Scan], str | bytes]]] = {
+    "md": ("text/markdown; charset=utf-8", export_markdown),
+    "txt": ("text/plain; charset=utf-8", export_text),
+    "json": ("application/json", _export_json_text),
+}
+
+
+def render(scan: Scan, fmt: str) -> str | bytes:
+    """The scan's result in `fmt` (a key of FORMATS)."""
+    return FORMATS[fmt][1](scan)

@@ -46,6 +46,9 @@ class Scan(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     input_tokens = models.PositiveBigIntegerField(default=0)
     output_tokens = models.PositiveBigIntegerField(default=0)
+    # Things about the whole file a person should know ([{"code", "message"}], as on pages), e.g. an
+    # animation of which only the first frame is read, or a page tree that claims more pages than load.
+    warnings = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -79,6 +82,10 @@ class Page(models.Model):
     finish_reason = models.CharField(max_length=30, blank=True)
     # Parsed per-page metadata, e.g. olmOCR's front matter (primary_language, rotation, is_table ...).
     metadata = models.JSONField(default=dict, blank=True)
+    # A done page that deserves a look: [{"code": "blank"|"empty"|"truncated"|..., "message": str}].
+    warnings = models.JSONField(default=list, blank=True)
+    # Word and line boxes where the engine gives them (scans.pipeline.types.PageLayout), else null.
+    layout = models.JSONField(null=True, blank=True)
     worker_id = models.CharField(max_length=100, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -16,8 +16,11 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from scans.events import PAGE_STATE_FIELDS
 from scans.models import Page, Scan
-from scans.progress import PAGE_STATE_FIELDS
+from scans.pipeline import queue_signals
+from scans.pipeline.types import PageResult
+from scans.progress import publish_scan_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +28,10 @@ UNFINISHED_PAGES = (Page.Status.PENDING, Page.Status.RUNNING)
 ACTIVE_SCANS = (Scan.Status.QUEUED, Scan.Status.PROCESSING)
 
 
-
-def _after_commit_publish(scan_id: int) -> None:
-    from scans.progress import publish_scan_on_commit
-
-    publish_scan_on_commit(Scan(pk=scan_id))  # it reads the committed row itself
-
-
 def announce_queued(*, scan_id: int) -> None:
-    """Once the current transaction commits: tell the browsers, and wake this process's runner."""
-    from scans.pipeline.runner import wake_runner
-
-    _after_commit_publish(scan_id)
-    transaction.on_commit(wake_runner)
+    """Once the current transaction commits: tell the browsers, and wake this process's runners."""
+    publish_scan_on_commit(scan_id)
+    transaction.on_commit(queue_signals.wake_runners)
 
 
 # --- queueing --------------------------------------------------------------------------------
@@ -83,16 +77,10 @@ def cancel_scan(*, scan: Scan) -> bool:
             status=Scan.Status.CANCELLED, finished_at=now
         )
         if changed:
-            _after_commit_publish(scan.pk)
-            transaction.on_commit(lambda: _notify_cancel(scan.pk))
+            publish_scan_on_commit(scan.pk)
+            transaction.on_commit(lambda: queue_signals.notify_cancelled(scan.pk))
     scan.refresh_from_db()
     return bool(changed)
-
-
-def _notify_cancel(scan_id: int) -> None:
-    from scans.pipeline.runner import notify_cancelled
-
-    notify_cancelled(scan_id)
 
 
 def delete_scan(*, scan: Scan) -> None:
@@ -128,7 +116,7 @@ def _claim(scan_id: int, worker_id: str, *, only_if_queued: bool) -> Claim | Non
     )
     if not won:
         return None
-    _after_commit_publish(scan_id)
+    publish_scan_on_commit(scan_id)
     return Claim(scan_id, Page.objects.filter(scan_id=scan_id, status__in=UNFINISHED_PAGES).count())
 
 
@@ -189,7 +177,7 @@ def recover_stale_claims(*, stale_after: timedelta) -> list[int]:
                     status=Page.Status.PENDING, worker_id="", started_at=None
                 )
                 recovered.append(scan_id)
-                _after_commit_publish(scan_id)
+                publish_scan_on_commit(scan_id)
         if won:
             logger.warning("Requeued scan %s: worker %s stopped sending heartbeats", scan_id, worker_id or "?")
     return recovered
@@ -207,7 +195,7 @@ def release_scan(*, scan_id: int, worker_id: str, requeue: bool) -> None:
                 status=Scan.Status.QUEUED, worker_id="", heartbeat_at=None
             )
             if changed:
-                _after_commit_publish(scan_id)
+                publish_scan_on_commit(scan_id)
 
 
 # --- page results (used by the runner) -------------------------------------------------------
@@ -241,41 +229,28 @@ class PageCommit:
     scan_status: str | None  # the scan's status as seen in the same transaction (None: deleted)
 
 
-def commit_page_result(
-    *,
-    scan_id: int,
-    number: int,
-    worker_id: str,
-    status: str,
-    text: str,
-    fallback: bool,
-    attempts: int,
-    error: str,
-    input_tokens: int,
-    output_tokens: int,
-    latency_ms: int | None,
-    finish_reason: str,
-    metadata: dict,
-) -> PageCommit:
-    """Store a page's result and add its tokens to the scan's totals, in one transaction."""
-    result = dict(
-        status=status, text=text, fallback=fallback, attempts=attempts, error=error,
-        input_tokens=input_tokens, output_tokens=output_tokens, latency_ms=latency_ms,
-        finish_reason=finish_reason[:30], metadata=metadata, finished_at=timezone.now(),
+def commit_page_result(*, scan_id: int, number: int, worker_id: str, result: PageResult) -> PageCommit:
+    """Store a page's outcome and add its tokens to the scan's totals, in one transaction. The page must
+    be running for this worker; otherwise nothing is written (`PageCommit.page` is None)."""
+    fields = dict(
+        status=result.status, text=result.text, fallback=result.fallback, attempts=result.attempts,
+        error=result.error, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+        latency_ms=result.latency_ms, finish_reason=result.finish_reason[:30], metadata=result.metadata,
+        warnings=list(result.warnings), layout=result.layout, finished_at=timezone.now(),
     )
     with transaction.atomic():
         changed = Page.objects.filter(
             scan_id=scan_id, number=number, status=Page.Status.RUNNING, worker_id=worker_id
-        ).update(**result)
+        ).update(**fields)
         if changed:
             Scan.objects.filter(pk=scan_id).update(
-                input_tokens=F("input_tokens") + input_tokens,
-                output_tokens=F("output_tokens") + output_tokens,
-                heartbeat_at=Coalesce(F("heartbeat_at"), result["finished_at"]),
+                input_tokens=F("input_tokens") + result.input_tokens,
+                output_tokens=F("output_tokens") + result.output_tokens,
+                heartbeat_at=Coalesce(F("heartbeat_at"), fields["finished_at"]),
             )
         scan_status = Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first()
     # The row as just written (no need to read it back).
-    page = Page(scan_id=scan_id, number=number, worker_id=worker_id, **result) if changed else None
+    page = Page(scan_id=scan_id, number=number, worker_id=worker_id, **fields) if changed else None
     return PageCommit(page, scan_status)
 
 

@@ -12,12 +12,6 @@ urlpatterns = [
     path("<int:scan_id>/cancel/", views.cancel, name="cancel"),
     path("<int:scan_id>/retry/", views.retry, name="retry"),
     path("<int:scan_id>/delete/", views.delete, name="delete"),
-]
-
-# Live scan page assets (scans/thumbnails.py)
-from scans import thumbnails  # noqa: E402
-
-urlpatterns += [
-    path("<int:scan_id>/pages/<int:number>/thumb.png", thumbnails.page_thumbnail, name="thumbnail"),
-    path("<int:scan_id>/pages/<int:number>/text.txt", thumbnails.page_text, name="page_text"),
+    path("<int:scan_id>/pages/<int:number>/thumb.png", views.page_thumbnail, name="thumbnail"),
+    path("<int:scan_id>/pages/<int:number>/text.txt", views.page_text, name="page_text"),
 ]

@@ -1,18 +1,17 @@
 from __future__ import annotations
 
-import json
+import asyncio
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Q
-from django.http import FileResponse, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
-from scans import exports, services
+from scans import exports, selectors, services, thumbnails
 from scans.access import get_visible_scan, visible_scans
-from scans.models import Page
+from scans.models import Page, Scan
 from scans.uploads import SUPPORTED, UploadRejected, create_scan_from_upload
 
 ACCEPT = "application/pdf,image/png,image/jpeg,image/tiff,image/webp,.pdf,.png,.jpg,.jpeg,.tif,.tiff,.webp"
@@ -20,11 +19,8 @@ ACCEPT = "application/pdf,image/png,image/jpeg,image/tiff,image/webp,.pdf,.png,.
 
 @login_required
 def scan_list(request: HttpRequest) -> HttpResponse:
-    scans = visible_scans(request.user).select_related("owner").annotate(
-        pages_done=Count("pages", filter=Q(pages__status=Page.Status.DONE)),
-        pages_failed=Count("pages", filter=Q(pages__status=Page.Status.FAILED)),
-    )
-    return render(request, "scans/list.html", {"scans": scans[:500]})
+    """Newest first, as the live list keeps them."""
+    return render(request, "scans/list.html", {"scans": selectors.scans_with_counts(request.user)})
 
 
 @login_required
@@ -50,26 +46,19 @@ def upload(request: HttpRequest) -> HttpResponse:
 @login_required
 def scan_detail(request: HttpRequest, scan_id: int) -> HttpResponse:
     scan = get_visible_scan(request.user, scan_id)
-    pages = list(scan.pages.all())
-    counts = {status: sum(1 for page in pages if page.status == status) for status in Page.Status.values}
+    counts = selectors.scan_counts(scan)
+    can_retry = scan.is_finished and (counts.failed + counts.unfinished) > 0
     return render(
         request,
         "scans/detail.html",
-        {"scan": scan, "pages": pages, "counts": counts, "fallback_count": sum(p.fallback for p in pages)},
+        {"scan": scan, "pages": selectors.ordered_pages(scan), "counts": counts, "can_retry": can_retry},
     )
-
-
-EXPORTS = {
-    "md": ("text/markdown; charset=utf-8", exports.export_markdown),
-    "txt": ("text/plain; charset=utf-8", exports.export_text),
-    "json": ("application/json", lambda scan: json.dumps(exports.export_json(scan), ensure_ascii=False, indent=2)),
-}
 
 
 @login_required
 def download(request: HttpRequest, scan_id: int, fmt: str) -> HttpResponse:
     scan = get_visible_scan(request.user, scan_id)
-    content_type, export = EXPORTS[fmt]
+    content_type, export = exports.FORMATS[fmt]
     response = HttpResponse(export(scan), content_type=content_type)
     stem = scan.original_filename.rsplit(".", 1)[0] or f"scan-{scan.pk}"
     response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=f"{stem}.{fmt}")
@@ -108,3 +97,37 @@ def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
     services.delete_scan(scan=scan)
     messages.info(request, f"Deleted {name}.")
     return redirect("scans:list")
+
+
+async def _visible_scan(request: HttpRequest, scan_id: int) -> Scan:
+    user = await request.auser()
+    scan = await visible_scans(user).filter(pk=scan_id).afirst()
+    if scan is None:
+        raise Http404("No such scan.")
+    return scan
+
+
+@login_required
+async def page_thumbnail(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
+    scan = await _visible_scan(request, scan_id)
+    if not 1 <= number <= scan.page_count:
+        raise Http404("No such page.")
+    try:
+        data = await asyncio.to_thread(thumbnails.thumbnail_png, scan, number)
+    except (FileNotFoundError, ValueError) as exc:
+        raise Http404("The page could not be rendered.") from exc
+    response = HttpResponse(data, content_type="image/png")
+    response["Cache-Control"] = "private, max-age=86400"
+    return response
+
+
+@login_required
+async def page_text(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
+    """The page's current text as plain text (live.js fetches it when a page finishes)."""
+    scan = await _visible_scan(request, scan_id)
+    page = await Page.objects.filter(scan=scan, number=number).only("text").afirst()
+    if page is None:
+        raise Http404("No such page.")
+    response = HttpResponse(page.text, content_type="text/plain; charset=utf-8")
+    response["Cache-Control"] = "no-store"
+    return response

@@ -14,6 +14,7 @@ from django.test import Client
 from django.utils import timezone
 
 from ocrsite.asgi import application
+from scans import events as scan_events
 from scans import progress
 from scans.models import Page, Scan
 from tests.support import free_port
@@ -161,7 +162,7 @@ async def test_page_update_and_totals_after_a_page_commit(user, alice_scan):
     assert update["type"] == "page.update" and update["scan_id"] == alice_scan.pk
     assert update["page"]["number"] == 1 and update["page"]["status"] == "done"
     assert update["page"]["latency_ms"] == 420 and update["page"]["attempts"] == 1
-    assert update["page"]["preview"] == page.text[: progress.PREVIEW_CHARS]
+    assert update["page"]["preview"] == page.text[: scan_events.PREVIEW_CHARS]
     assert update["page"]["text_length"] == len(page.text)
     totals = await receive(communicator)
     assert totals["type"] == "scan.progress" and totals["totals"]["done"] == 1
@@ -188,7 +189,7 @@ async def test_status_change_resyncs_with_a_snapshot(user, alice_scan):
     communicator = await connect(f"/ws/scans/{alice_scan.pk}/", headers)
     await receive(communicator)
     await Scan.objects.filter(pk=alice_scan.pk).aupdate(status=Scan.Status.CANCELLED, finished_at=timezone.now())
-    await progress.apublish_scan(alice_scan)
+    await progress.apublish_scan(alice_scan.pk)
     snapshot = await receive(communicator)
     assert snapshot["type"] == "scan.snapshot" and snapshot["scan"]["status"] == "cancelled"
     assert snapshot["totals"]["eta_s"] == 0
@@ -201,7 +202,7 @@ async def test_events_older_than_the_snapshot_are_dropped(user, alice_scan):
     await receive(communicator)
     layer = get_channel_layer()
     stale = {"type": "page.update", "scan_id": alice_scan.pk, "page": {}}
-    await layer.group_send(progress.scan_group(alice_scan.pk), {"type": "live.event", "payload": stale, "read_at": 0.0})
+    await layer.group_send(scan_events.scan_group(alice_scan.pk), {"type": "live.event", "payload": stale, "read_at": 0.0})
     assert await communicator.receive_nothing(timeout=0.3)
     await communicator.disconnect()
 
@@ -237,7 +238,7 @@ async def test_publish_on_commit_from_a_sync_thread(user, staff_user, alice_scan
         try:
             with transaction.atomic():
                 Scan.objects.filter(pk=scan.pk).update(status=Scan.Status.PROCESSING)
-                progress.publish_scan_on_commit(scan)
+                progress.publish_scan_on_commit(scan.pk)
                 if not commit:
                     raise Rollback
         except Rollback:
@@ -299,9 +300,9 @@ async def test_publishing_never_raises_when_the_channel_layer_is_down(settings, 
     page = await Page.objects.aget(scan=alice_scan, number=1)
     started = time.monotonic()
     await progress.apublish_page(page)
-    await progress.apublish_scan(alice_scan)
+    await progress.apublish_scan(alice_scan.pk)
     await events.publish_server_status(_status())
-    await sync_to_async(progress.publish_scan_on_commit)(alice_scan)
+    await sync_to_async(progress.publish_scan_on_commit)(alice_scan.pk)
     assert time.monotonic() - started < 60  # bounded by the send timeout, not hanging
 
 

@@ -10,13 +10,14 @@ from typing import Literal, get_args, get_origin, get_type_hints, is_typeddict
 
 import pytest
 
+from scans import events as scan_events
 from scans import progress
 from tests.support import REPO
 from vllm_control import events
 from vllm_control.status import ServerState, ServerStatus
 
-DECLARED: tuple[type, ...] = progress.SCAN_EVENT_TYPES + events.SERVER_EVENT_TYPES
-EMITTING_MODULES = ("scans/progress.py", "scans/consumers.py", "vllm_control/events.py", "vllm_control/consumers.py")
+DECLARED: tuple[type, ...] = scan_events.SCAN_EVENT_TYPES + events.SERVER_EVENT_TYPES
+EMITTING_MODULES = ("scans/progress.py", "scans/selectors.py", "scans/consumers.py", "vllm_control/events.py", "vllm_control/consumers.py")
 
 
 def event_type_name(declaration: type) -> str:

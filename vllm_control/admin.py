@@ -3,6 +3,7 @@ from django.http import HttpRequest
 
 from vllm_control.forms import SECTIONS, VLMSettingsForm
 from vllm_control.models import VLMSettings
+from vllm_control.services import save_settings
 
 
 @admin.register(VLMSettings)
@@ -19,3 +20,6 @@ class VLMSettingsAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False
+
+    def save_model(self, request: HttpRequest, obj: VLMSettings, form, change: bool) -> None:
+        save_settings(row=obj)  # restarts a Local server whose model changed, as the settings page does

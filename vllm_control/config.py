@@ -56,19 +56,6 @@ class LocalServerConfig:
 
 
 @dataclass(frozen=True)
-class OCRConfig:
-    prompt_preset: str
-    custom_prompt: str
-    target_longest_side: int
-    image_format: str  # "png" | "jpeg"
-    max_tokens: int
-    temperature: float
-    page_retries: int
-    max_in_flight: int
-    request_timeout_s: int
-
-
-@dataclass(frozen=True)
 class EffectiveConfig:
     mode: ModeName
     mode_is_automatic: bool  # True when no mode was saved and it was chosen from what this machine has
@@ -78,7 +65,6 @@ class EffectiveConfig:
     api_key: str
     local: LocalServerConfig
     external_base_url: str  # normalized, ends with /v1, "" when not configured
-    ocr: OCRConfig
 
 
 @dataclass(frozen=True)
@@ -204,17 +190,6 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
         api_key=api_key,
         local=local,
         external_base_url=external_base_url,
-        ocr=OCRConfig(
-            prompt_preset=row.prompt_preset,
-            custom_prompt=row.custom_prompt,
-            target_longest_side=row.target_longest_side,
-            image_format=row.image_format,
-            max_tokens=row.max_tokens,
-            temperature=row.temperature,
-            page_retries=row.page_retries,
-            max_in_flight=row.max_in_flight,
-            request_timeout_s=row.request_timeout_s,
-        ),
     )
 
 

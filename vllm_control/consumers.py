@@ -6,17 +6,13 @@ Staff receive the server's recent log lines; everyone else the same status witho
 from __future__ import annotations
 
 import logging
-import time
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
-
+from ocrsite.live import LiveConsumer
 from vllm_control import events, runtime
 from vllm_control.config import aresolve_config
 from vllm_control.status import ServerState, ServerStatus
 
 logger = logging.getLogger(__name__)
-
-CLOSE_UNAUTHENTICATED = 4401
 
 
 async def current_status() -> ServerStatus:
@@ -28,34 +24,12 @@ async def current_status() -> ServerStatus:
         return ServerStatus(mode=config.mode, state=ServerState.FAILED, model=config.model, last_error=str(exc))
 
 
-class ServerStatusConsumer(AsyncJsonWebsocketConsumer):
+class ServerStatusConsumer(LiveConsumer):
     staff: bool = False
-    group: str = ""
-    snapshot_started: float = 0.0
 
-    async def connect(self) -> None:
-        user = self.scope.get("user")
-        await self.accept()  # then close with a code the browser can read (see scans.consumers)
-        if user is None or not user.is_authenticated:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
+    async def authorize(self, user) -> list[str]:
         self.staff = bool(user.is_staff)
-        self.group = events.SERVER_STATUS_STAFF_GROUP if self.staff else events.SERVER_STATUS_GROUP
-        await self.channel_layer.group_add(self.group, self.channel_name)
-        await self.send_snapshot()
+        return [events.SERVER_STATUS_STAFF_GROUP if self.staff else events.SERVER_STATUS_GROUP]
 
-    async def disconnect(self, code: int) -> None:
-        if self.group:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
-
-    async def receive_json(self, content, **kwargs) -> None:
-        if isinstance(content, dict) and content.get("type") == "resync":
-            await self.send_snapshot()
-
-    async def send_snapshot(self) -> None:
-        self.snapshot_started = time.time()
-        status = await current_status()
-        await self.send_json(events.snapshot_event(status, staff=self.staff))
-
-    async def live_event(self, message: dict) -> None:
-        await self.send_json(message["payload"])
+    async def snapshot(self) -> events.ServerSnapshotEvent:
+        return events.snapshot_event(await current_status(), staff=self.staff)

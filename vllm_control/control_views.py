@@ -11,13 +11,12 @@ from django.views.decorators.http import require_POST
 
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
+from vllm_control.events import status_payload
 from vllm_control.status import ServerStatus
 
 
 def _answer(ok: bool, message: str, status: ServerStatus | None, code: int = 200) -> JsonResponse:
-    from vllm_control.events import status_data
-
-    payload = status_data(status, staff=True) if status is not None else None
+    payload = status_payload(status, staff=True) if status is not None else None
     return JsonResponse({"ok": ok, "message": message, "status": payload}, status=code)
 
 

@@ -38,7 +38,14 @@ def _check_http_url(value: str) -> None:
 
 
 class VLMSettingsForm(forms.ModelForm):
-    """Secrets are write-only: never rendered back; left blank they keep their saved value."""
+    """Secrets are write-only: never rendered back; left blank they keep their saved value.
+
+    The `clear_*` boxes are declared on the class (not added per instance) so Django admin, which
+    builds its form class from the fieldsets, knows them."""
+
+    clear_hf_token = forms.BooleanField(required=False, label="Clear")
+    clear_local_api_key = forms.BooleanField(required=False, label="Clear")
+    clear_external_api_key = forms.BooleanField(required=False, label="Clear")
 
     class Meta:
         model = VLMSettings
@@ -66,7 +73,6 @@ class VLMSettingsForm(forms.ModelForm):
         for name in VLMSettings.SECRET_FIELDS:
             saved = bool(getattr(self.instance, name))
             self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
-            self.fields[f"clear_{name}"] = forms.BooleanField(required=False, label="Clear")
         self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
 
     def secret_rows(self) -> dict[str, forms.BoundField]:

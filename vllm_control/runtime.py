@@ -19,6 +19,7 @@ from typing import TypeVar
 from vllm_control.command import build_command
 from vllm_control.config import EffectiveConfig, LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
+from vllm_control.events import publish_server_status
 from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
 from vllm_control.status import ServerState, ServerStatus
 from vllm_control.supervisor import Supervisor
@@ -215,8 +216,6 @@ async def _remember_external(config: EffectiveConfig, result: ProbeResult) -> Se
     previous = _external_status[1] if _external_status else None
     _external_status = (time.monotonic(), status)
     if previous is None or (previous.state, previous.last_error) != (status.state, status.last_error):
-        from vllm_control.events import publish_server_status
-
         await publish_server_status(status)
     return status
 

@@ -1,8 +1,9 @@
-"""The one status shape for both modes (settings page, events, `vllm_status --json`)."""
+"""The one status type for every mode; `vllm_control.events.status_payload` turns it into what the
+settings page, the live events and `vllm_status --json` show."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -32,8 +33,3 @@ class ServerStatus:
     server_version: str | None = None
     latency_ms: float | None = None
     supervised_here: bool = False  # this process runs the server (Local mode, holds the port lock)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["state"] = str(self.state)
-        return data

@@ -36,6 +36,7 @@ from django.conf import settings
 from vllm_control.command import build_command, redact
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
+from vllm_control.events import publish_server_status
 from vllm_control.external import now_iso, probe
 from vllm_control.startup_errors import classify, not_found
 from vllm_control.status import ServerState, ServerStatus
@@ -255,8 +256,6 @@ class Supervisor:
         self._change = asyncio.Event()
 
     def _publish(self, status: ServerStatus) -> None:
-        from vllm_control.events import publish_server_status  # lazily: it imports the channel layer
-
         task = asyncio.get_running_loop().create_task(publish_server_status(status))
         self._background.add(task)
         task.add_done_callback(self._publish_done)

@@ -6,10 +6,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
-from vllm_control import runtime
 from vllm_control.config import describe_options, resolve_config
 from vllm_control.forms import SECTIONS, VLMSettingsForm
 from vllm_control.models import Mode, VLMSettings
+from vllm_control.services import save_settings
 
 
 @staff_member_required(login_url="login")
@@ -21,12 +21,10 @@ def settings_page(request: HttpRequest) -> HttpResponse:
     form = VLMSettingsForm(request.POST or None, instance=row)
     if request.method == "POST" and form.is_valid():
         try:
-            after = resolve_config(form.instance)
+            save_settings(row=form.instance)
         except ImproperlyConfigured as exc:
             form.add_error(None, str(exc))
         else:
-            form.save()
-            runtime.settings_changed(old=before, new=after)
             messages.success(request, "Settings saved.")
             return redirect("vllm_control:settings")
     sections = [(title, [form[name] for name in names]) for title, names in SECTIONS.items()]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from scans.pipeline.reading_order import TextBox, reading_order_text
 from scans.pipeline.types import PageImage, PageResult
-from vllm_control.config import OCRConfig
+from scans.pipeline.options import OCRConfig
 
 if TYPE_CHECKING:
     import numpy as np
@@ -238,7 +238,7 @@ class BuiltinEngine:
         self.max_workers = max(1, max_workers or usable_cores())
         self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="builtin-ocr")
 
-    async def ocr_page(self, image: PageImage, options: OCRConfig) -> PageResult:
+    async def ocr_page(self, image: PageImage, options: OCRConfig, *, temperature: float | None = None) -> PageResult:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         result = await loop.run_in_executor(self._executor, recognize_bytes, image.data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from scans.pipeline.errors import PermanentEngineError
+from scans.pipeline.options import OCRConfig
 from scans.pipeline.types import Engine
 from scans.pipeline.vllm_engine import VLLMEngine
 from vllm_control.config import EffectiveConfig
@@ -10,6 +11,7 @@ from vllm_control.config import EffectiveConfig
 
 def build_engine(
     config: EffectiveConfig,
+    ocr: OCRConfig,
     *,
     engine: str | None = None,
     base_url: str | None = None,
@@ -32,6 +34,6 @@ def build_engine(
         url,
         model or config.served_model_name,
         config.api_key if api_key is None else api_key,
-        timeout_s=config.ocr.request_timeout_s,
-        max_in_flight=max_in_flight or config.ocr.max_in_flight,
+        timeout_s=ocr.request_timeout_s,
+        max_in_flight=max_in_flight or ocr.max_in_flight,
     )

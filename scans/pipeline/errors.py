@@ -43,12 +43,22 @@ class OutputRejected(EngineError):
         self.latency_ms = latency_ms
 
 
+class RequestRejected(EngineError):
+    """The server refused this page's request (a 4xx other than a bad key or an unknown model, e.g. the
+    page does not fit the model's context): sending it again unchanged cannot help, but other pages
+    may well succeed, so only this page fails."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class UnparsableOutput(ValueError):
     """Model output that lacks the structure the prompt asked for (e.g. olmOCR's front matter)."""
 
 
 class PermanentEngineError(EngineError):
-    """Bad API key, unknown model, rejected request: retrying this page (or any other) cannot help."""
+    """Bad API key, unknown model, no server configured: no page can succeed, so the scan fails."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)

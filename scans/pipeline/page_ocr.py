@@ -7,22 +7,22 @@ Policy:
 - olmOCR says the page is not upright: re-render it rotated and try again (the last attempt's answer is
   accepted as it is);
 - permanent errors (bad key, unknown model): raised at once, since no page can succeed;
+- a request the server rejects for this page alone (a 4xx other than those): the page fails at once;
 - out of attempts: the PDF text layer if there is one, else a failed page keeping the last output.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
-from scans.pipeline.errors import EngineError, OutputRejected, TransientEngineError
-from scans.pipeline.types import Engine, PageImage, PageResult
-from vllm_control.config import OCRConfig
+from scans.pipeline.errors import EngineError, OutputRejected, RequestRejected, TransientEngineError
+from scans.pipeline.types import Engine, PageImage, PageResult, PageWarning
+from scans.pipeline.options import OCRConfig
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
@@ -31,20 +31,6 @@ TEMPERATURE_LADDER = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0)
 ROTATIONS = (90, 180, 270)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PageOutcome:
-    status: Literal["done", "failed"]
-    text: str = ""
-    fallback: bool = False
-    attempts: int = 0
-    error: str = ""
-    input_tokens: int = 0  # summed over every attempt that got an answer: what the page cost
-    output_tokens: int = 0
-    latency_ms: int = 0  # of the last answer
-    finish_reason: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def escalated_temperature(base: float, rejections: int) -> float:
@@ -64,13 +50,6 @@ def backoff_delay(failures: int, retry_after: float | None, rng: random.Random |
     return min(delay, BACKOFF_CAP_S)
 
 
-async def _ocr(engine: Engine, image: PageImage, ocr: OCRConfig, temperature: float) -> PageResult:
-    # Engines without sampling (the built-in one) implement only the protocol's signature.
-    if "temperature" in inspect.signature(engine.ocr_page).parameters:
-        return await engine.ocr_page(image, ocr, temperature=temperature)  # type: ignore[call-arg]
-    return await engine.ocr_page(image, ocr)
-
-
 async def ocr_page_with_retries(
     engine: Engine,
     image: PageImage,
@@ -81,9 +60,10 @@ async def ocr_page_with_retries(
     on_attempt: Callable[[int], Awaitable[None]] | None = None,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rng: random.Random | None = None,
-) -> PageOutcome:
+) -> PageResult:
     """OCR one page, trying up to 1 + ocr.page_retries times. Raises PermanentEngineError (and
-    CancelledError) unchanged; every other engine failure ends in the returned outcome."""
+    CancelledError) unchanged; every other engine failure ends in the returned outcome, whose tokens
+    are those of every answer received (what the page cost)."""
     max_attempts = 1 + max(0, ocr.page_retries)
     input_tokens = output_tokens = 0
     rejections = transient_failures = 0
@@ -96,7 +76,11 @@ async def ocr_page_with_retries(
             await on_attempt(attempt)
         temperature = escalated_temperature(ocr.temperature, rejections)
         try:
-            result = await _ocr(engine, image, ocr, temperature)
+            result = await engine.ocr_page(image, ocr, temperature=temperature)
+        except RequestRejected as error:
+            last_error = error
+            max_attempts = attempt
+            break
         except TransientEngineError as error:
             last_error = error
             transient_failures += 1
@@ -122,19 +106,18 @@ async def ocr_page_with_retries(
             image = await rerender((image.rotation - correction) % 360)
             last_text, last_finish, last_latency = result.text, result.finish_reason, result.latency_ms
             continue
-        return PageOutcome(
+        return replace(
+            result,
             status="done",
-            text=result.text,
             attempts=attempt,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            latency_ms=result.latency_ms,
-            finish_reason=result.finish_reason,
             metadata=metadata,
+            warnings=[*image.warnings, *result.warnings],
         )
 
     error_message = f"{last_error} (after {max_attempts} attempt{'s' if max_attempts != 1 else ''})"
-    common = dict(
+    common: dict[str, Any] = dict(
         attempts=max_attempts,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
@@ -148,7 +131,9 @@ async def ocr_page_with_retries(
             logger.exception("Could not read the text layer of page %s", image.number)
             text = ""
         if text:
-            return PageOutcome(
-                status="done", text=text, fallback=True, error=error_message, metadata={"fallback": "text_layer"}, **common
+            warning = PageWarning(code="fallback", message=f"OCR failed; this is the PDF's own text layer. {error_message}")
+            return PageResult(
+                text=text, fallback=True, error=error_message, metadata={"fallback": "text_layer"},
+                warnings=[*image.warnings, warning], **common,
             )
-    return PageOutcome(status="failed", text=last_text, error=error_message, **common)
+    return PageResult(status="failed", text=last_text, error=error_message, warnings=list(image.warnings), **common)

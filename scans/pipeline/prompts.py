@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from scans.pipeline.errors import UnparsableOutput
-from vllm_control.config import OCRConfig
+from scans.pipeline.options import OCRConfig
 
 __all__ = ["MARKDOWN_PROMPT", "OLMOCR_PROMPT", "UnparsableOutput", "build_prompt", "clean_markdown", "parse_olmocr"]
 

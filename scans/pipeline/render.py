@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -20,7 +21,9 @@ from pathlib import Path
 import pypdfium2 as pdfium
 from PIL import Image, ImageChops, ImageOps
 
-from scans.pipeline.types import PageImage
+from scans.pipeline.types import PageImage, RenderFailure
+
+logger = logging.getLogger(__name__)
 
 PDF_CONTENT_TYPE = "application/pdf"
 JPEG_QUALITY = 90
@@ -232,38 +235,55 @@ async def render_pages(
     longest_side: int,
     image_format: str,
     lookahead: int = 4,
-) -> AsyncIterator[PageImage]:
+) -> AsyncIterator[PageImage | RenderFailure]:
     """Yield the pages in order, rendered in worker threads at most `lookahead` pages ahead of the
-    consumer: a consumer that stops pulling stops the rendering, so memory is flat for any length."""
+    consumer: a consumer that stops pulling stops the rendering, so memory is flat for any length.
+
+    A page that cannot be rendered is yielded as a RenderFailure (it fails alone); a PDF that cannot be
+    opened at all yields one for every page."""
     path = Path(path)
     lookahead = max(1, lookahead)
     executor = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="render")
     pdf: PdfPages | None = None
-    pending: deque[Future[PageImage]] = deque()
+    pending: deque[tuple[int, Future[PageImage]]] = deque()
     try:
         if is_pdf(content_type):
-            pdf = await asyncio.wrap_future(executor.submit(PdfPages, path))
+            try:
+                pdf = await asyncio.wrap_future(executor.submit(PdfPages, path))
+            except Exception as exc:
+                for number in numbers:
+                    yield RenderFailure(number, f"The file could not be opened: {_describe(exc)}")
+                return
         queued = iter(numbers)
 
         def submit_next() -> None:
             number = next(queued, None)
             if number is not None:
-                pending.append(executor.submit(_render, pdf, path, number, longest_side, image_format, 0))
+                pending.append((number, executor.submit(_render, pdf, path, number, longest_side, image_format, 0)))
 
         for _ in range(lookahead):
             submit_next()
         while pending:
-            page = await asyncio.wrap_future(pending[0])
+            number, future = pending[0]
+            try:
+                page: PageImage | RenderFailure = await asyncio.wrap_future(future)
+            except Exception as exc:
+                logger.warning("Page %s of %s could not be rendered", number, path.name, exc_info=True)
+                page = RenderFailure(number, f"The page could not be rendered: {_describe(exc)}")
             pending.popleft()
             yield page
             submit_next()
     finally:
-        for future in pending:
+        for _, future in pending:
             future.cancel()
         if pdf is not None:
             # Close once the renders already running are over, in a worker: never block the event loop.
-            executor.submit(_close_when_done, pdf, list(pending))
+            executor.submit(_close_when_done, pdf, [future for _, future in pending])
         executor.shutdown(wait=False)
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _close_when_done(pdf: PdfPages, futures: list[Future[PageImage]]) -> None:

@@ -14,22 +14,27 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
 
 from ocrsite.env import env_int
-from scans import services
+from scans import progress, services
 from scans.models import Page, Scan
+from scans.pipeline import queue_signals
+from scans.pipeline.engines import build_engine
 from scans.pipeline.errors import PermanentEngineError
-from scans.pipeline.types import PageImage
-from vllm_control.config import EffectiveConfig, aresolve_config, normalize_base_url
+from scans.pipeline.options import OCRConfig, ScanOptions, aocr_config
+from scans.pipeline.page_ocr import ocr_page_with_retries
+from scans.pipeline.render import pdf_page_text, render_page_sync, render_pages
+from scans.pipeline.types import Engine, PageImage, PageResult, RenderFailure
+from vllm_control import runtime
+from vllm_control.config import EffectiveConfig, aresolve_config
 from vllm_control.errors import ModelServerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -56,30 +61,6 @@ def stale_after() -> timedelta:
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()[:50]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-
-
-@dataclass
-class ScanOptions:
-    """Per-scan overrides from `Scan.options` (set by `manage.py ocr`); None means "the settings"."""
-
-    prompt: str | None = None
-    model: str | None = None
-    base_url: str | None = None
-    api_key: str | None = None
-    concurrency: int | None = None
-    engine: str | None = None
-
-    @classmethod
-    def from_scan(cls, options: dict) -> "ScanOptions":
-        concurrency = options.get("concurrency")
-        return cls(
-            prompt=options.get("prompt") or None,
-            model=options.get("model") or None,
-            base_url=normalize_base_url(options.get("base_url") or "") or None,
-            api_key=options.get("api_key") or None,
-            concurrency=int(concurrency) if concurrency else None,
-            engine=options.get("engine") or None,
-        )
 
 
 @dataclass
@@ -110,27 +91,6 @@ class _ScanFailed(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-_runners: set["Runner"] = set()
-_runners_lock = threading.Lock()
-
-
-def wake_runner() -> None:
-    """Tell every runner in this process to look at the queue now (thread-safe)."""
-    with _runners_lock:
-        runners = list(_runners)
-    for runner in runners:
-        runner.wake()
-
-
-def notify_cancelled(scan_id: int) -> None:
-    """Tell runners in this process that a scan was cancelled (thread-safe). Runners in other
-    processes notice on their next heartbeat."""
-    with _runners_lock:
-        runners = list(_runners)
-    for runner in runners:
-        runner.cancel_scan_locally(scan_id)
 
 
 class Runner:
@@ -178,17 +138,15 @@ class Runner:
 
     async def _setup(self) -> None:
         self._loop = asyncio.get_running_loop()
-        with _runners_lock:
-            _runners.add(self)
+        queue_signals.register(self)
         if self._budget is None:
             if self._max_in_flight is None:
-                self._max_in_flight = (await aresolve_config()).ocr.max_in_flight
+                self._max_in_flight = (await aocr_config()).max_in_flight
             self._capacity = max(1, self._max_in_flight)
             self._budget = asyncio.Semaphore(self._capacity)
 
     def _teardown(self) -> None:
-        with _runners_lock:
-            _runners.discard(self)
+        queue_signals.unregister(self)
 
     async def run_forever(self) -> None:
         """Claim and process queued scans until `stop()` (or, with `once`, until the queue is empty)."""
@@ -305,9 +263,7 @@ class Runner:
             await asyncio.shield(
                 sync_to_async(services.release_scan)(scan_id=scan_id, worker_id=self.worker_id, requeue=requeue)
             )
-            scan = await Scan.objects.filter(pk=scan_id).afirst()
-            if scan is not None:
-                await _publish_scan(scan)
+            await progress.apublish_scan(scan_id)
             self.wake()
 
     async def _finish(self, active: _ActiveScan, work: asyncio.Task) -> None:
@@ -338,21 +294,22 @@ class Runner:
                 return
 
     async def _process(self, active: _ActiveScan) -> None:
-        from scans.pipeline.engines import build_engine
-
         scan = await Scan.objects.aget(pk=active.scan_id)
         options = ScanOptions.from_scan(scan.options or {})
         api_key = self.secrets.get(scan.pk) or options.api_key
         config = await aresolve_config()
-        if options.prompt:
-            config = replace(config, ocr=replace(config.ocr, prompt_preset=options.prompt))
+        ocr = options.apply(await aocr_config())
         concurrency = min(options.concurrency or self._capacity, self._capacity)
         engine_name = options.engine or ("builtin" if config.mode == "builtin" else "vllm")
         if engine_name == "vllm" and not options.base_url:
-            await _ensure_model_server(config)
+            try:
+                await runtime.ensure_ready(config)
+            except ModelServerUnavailable as exc:
+                raise _ScanFailed(exc.message) from None
         try:
             engine = build_engine(
                 config,
+                ocr,
                 engine=options.engine,
                 base_url=options.base_url,
                 model=options.model,
@@ -371,157 +328,145 @@ class Runner:
             ]
             active.unfinished = len(numbers)
             _raise_if_cancelling()
-            await self._send_pages(active, scan, config, engine, numbers, concurrency)
+            await self._send_pages(active, _ScanWork(scan, config, ocr, engine, report_failures=not options.base_url), numbers, concurrency)
         finally:
             await engine.aclose()
 
-    async def _send_pages(self, active, scan: Scan, config: EffectiveConfig, engine, numbers, concurrency) -> None:
-        from scans.pipeline.render import render_pages
-
+    async def _send_pages(self, active: _ActiveScan, work: _ScanWork, numbers: list[int], concurrency: int) -> None:
+        """Send every page, at most `concurrency` at once within the runner's budget. A page that cannot
+        be rendered or read fails alone; an error that concerns every request (PermanentEngineError)
+        stops sending, lets the requests in flight finish (their answers are kept), then fails the scan."""
         assert self._budget is not None
-        path = Path(scan.file.path)
         per_scan = asyncio.Semaphore(concurrency)
         tasks: set[asyncio.Task] = set()
-        failure: list[BaseException] = []
+        failure: list[PermanentEngineError] = []
 
         def done(task: asyncio.Task) -> None:
             tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
+            if not task.cancelled() and isinstance(task.exception(), PermanentEngineError):
                 failure.append(task.exception())  # type: ignore[arg-type]
 
         pages = render_pages(
-            path,
-            scan.content_type,
+            Path(work.scan.file.path),
+            work.scan.content_type,
             numbers,
-            longest_side=config.ocr.target_longest_side,
-            image_format=config.ocr.image_format,
+            longest_side=work.ocr.target_longest_side,
+            image_format=work.ocr.image_format,
             lookahead=RENDER_LOOKAHEAD,
         )
         try:
             async with contextlib.aclosing(pages):
-                while not failure:
-                    try:
-                        image = await anext(pages)
-                    except StopAsyncIteration:
-                        break
-                    except Exception as exc:
-                        logger.exception("Rendering scan %s failed", scan.pk)
-                        raise _ScanFailed(f"Could not render the file: {exc}") from None
+                async for image in pages:
                     await per_scan.acquire()
                     await _acquire_or_release(self._budget, per_scan)
                     if failure:
                         per_scan.release()
                         self._budget.release()
                         break
-                    task = asyncio.create_task(self._page(active, scan, config, engine, image, per_scan))
+                    task = asyncio.create_task(self._page(active, work, image, per_scan))
                     tasks.add(task)
                     task.add_done_callback(done)
-            while tasks and not failure:
-                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_EXCEPTION)
+            while tasks:
+                await asyncio.wait(set(tasks))
         finally:
             for task in list(tasks):
                 task.cancel()
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-        if failure:
-            exc = failure[0]
-            if isinstance(exc, PermanentEngineError):
-                raise _ScanFailed(exc.message)
-            raise exc
+        for task_failure in failure[:1]:
+            raise _ScanFailed(task_failure.message)
 
-    async def _page(self, active: _ActiveScan, scan: Scan, config: EffectiveConfig, engine, image: PageImage, per_scan) -> None:
-        from scans.pipeline.page_ocr import ocr_page_with_retries
-        from scans.pipeline.render import pdf_page_text, render_page_sync
-
+    async def _page(self, active: _ActiveScan, work: _ScanWork, image: PageImage | RenderFailure, per_scan) -> None:
         assert self._budget is not None
-        number = image.number
-        path = Path(scan.file.path)
+        scan, number = work.scan, image.number
         try:
             page = await _db(
                 services.mark_page_running, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempts=1
             )
             if page is None:
                 return  # not ours (any more)
-            await _publish_page(page)
-
-            async def rerender(rotation: int) -> PageImage:
-                return await asyncio.to_thread(
-                    render_page_sync,
-                    path,
-                    scan.content_type,
-                    number,
-                    longest_side=config.ocr.target_longest_side,
-                    image_format=config.ocr.image_format,
-                    rotation=rotation,
-                )
-
-            async def fallback_text() -> str:
-                return await asyncio.to_thread(pdf_page_text, path, number)
-
-            async def on_attempt(attempt: int) -> None:
-                # Called right before each request: the last chance to honour a swallowed cancellation.
-                if attempt > 1:  # the first attempt was recorded with the running mark
-                    await _db(services.record_attempt, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempt=attempt)
-                _raise_if_cancelling()
-
-            try:
-                outcome = await ocr_page_with_retries(
-                    engine,
-                    image,
-                    config.ocr,
-                    rerender=rerender,
-                    fallback_text=fallback_text if scan.has_text_layer else None,
-                    on_attempt=on_attempt,
-                )
-                result = dict(
-                    status=outcome.status,
-                    text=outcome.text,
-                    fallback=outcome.fallback,
-                    attempts=outcome.attempts,
-                    error=outcome.error or "",
-                    input_tokens=outcome.input_tokens,
-                    output_tokens=outcome.output_tokens,
-                    latency_ms=outcome.latency_ms,
-                    finish_reason=outcome.finish_reason or "",
-                    metadata=outcome.metadata or {},
-                )
-            except PermanentEngineError:
-                raise
-            except Exception as exc:  # e.g. a page that cannot be re-rendered: that page fails, not the scan
-                logger.exception("Page %s of scan %s failed unexpectedly", number, scan.pk)
-                result = dict(
-                    status=Page.Status.FAILED, text="", fallback=False, attempts=page.attempts or 1,
-                    error=f"{type(exc).__name__}: {exc}", input_tokens=0, output_tokens=0, latency_ms=None,
-                    finish_reason="", metadata={},
-                )
+            await progress.apublish_page(page)
+            if isinstance(image, RenderFailure):
+                result = PageResult(text="", status="failed", error=image.message, latency_ms=None)
+            else:
+                result = await self._read(work, image)
             commit = await asyncio.shield(
                 sync_to_async(services.commit_page_result)(
-                    scan_id=scan.pk, number=number, worker_id=self.worker_id, **result
+                    scan_id=scan.pk, number=number, worker_id=self.worker_id, result=result
                 )
             )
             active.unfinished = max(0, active.unfinished - 1)
             if commit.page is not None:
-                await _publish_page(commit.page)
+                await progress.apublish_page(commit.page)
                 if self.on_page is not None:
                     await self.on_page(commit.page)
             if commit.scan_status != Scan.Status.PROCESSING:
                 active.cancelled.set()
-            if result["status"] == Page.Status.FAILED and engine.name == "vllm" and not scan.options.get("base_url"):
-                self._report_failure(config)
+            if result.status == Page.Status.FAILED and work.engine.name == "vllm" and work.report_failures:
+                self._report_failure(work.config)
         finally:
             per_scan.release()
             self._budget.release()
             self.wake()
+
+    async def _read(self, work: _ScanWork, image: PageImage) -> PageResult:
+        """One page through the engine with retries; raises only PermanentEngineError and cancellation."""
+        scan, number = work.scan, image.number
+        path = Path(scan.file.path)
+
+        async def rerender(rotation: int) -> PageImage:
+            return await asyncio.to_thread(
+                render_page_sync,
+                path,
+                scan.content_type,
+                number,
+                longest_side=work.ocr.target_longest_side,
+                image_format=work.ocr.image_format,
+                rotation=rotation,
+            )
+
+        async def fallback_text() -> str:
+            return await asyncio.to_thread(pdf_page_text, path, number)
+
+        async def on_attempt(attempt: int) -> None:
+            # Called right before each request: the last chance to honour a swallowed cancellation.
+            if attempt > 1:  # the first attempt was recorded with the running mark
+                await _db(services.record_attempt, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempt=attempt)
+            _raise_if_cancelling()
+
+        try:
+            return await ocr_page_with_retries(
+                work.engine,
+                image,
+                work.ocr,
+                rerender=rerender,
+                fallback_text=fallback_text if scan.has_text_layer else None,
+                on_attempt=on_attempt,
+            )
+        except PermanentEngineError:
+            raise
+        except Exception as exc:  # e.g. a page that cannot be re-rendered: that page fails, not the scan
+            logger.exception("Page %s of scan %s failed unexpectedly", number, scan.pk)
+            return PageResult(text="", status="failed", error=f"{type(exc).__name__}: {exc}", latency_ms=None)
+
+
+@dataclass(frozen=True)
+class _ScanWork:
+    """What every page of one scan is read with."""
+
+    scan: Scan
+    config: EffectiveConfig
+    ocr: OCRConfig
+    engine: Engine
+    report_failures: bool  # failed pages make the configured model server check its health
 
 
 _background: set[asyncio.Task] = set()
 
 
 async def _report_failure(config: EffectiveConfig) -> None:
-    from vllm_control.runtime import report_request_failure
-
     try:
-        await report_request_failure(config)
+        await runtime.report_request_failure(config)
     except Exception:
         logger.warning("Could not check the model server after a failed page", exc_info=True)
 
@@ -532,33 +477,6 @@ async def _acquire_or_release(budget: asyncio.Semaphore, held: asyncio.Semaphore
     except BaseException:
         held.release()
         raise
-
-
-async def _ensure_model_server(config: EffectiveConfig) -> None:
-    from vllm_control.runtime import ensure_ready
-
-    try:
-        await ensure_ready(config)
-    except ModelServerUnavailable as exc:
-        raise _ScanFailed(exc.message) from None
-
-
-async def _publish_page(page: Page) -> None:
-    from scans.progress import apublish_page
-
-    try:
-        await apublish_page(page)
-    except Exception:  # a lost progress event must never lose a page (clients re-sync)
-        logger.exception("Could not publish the progress of page %s", page.pk)
-
-
-async def _publish_scan(scan: Scan) -> None:
-    from scans.progress import apublish_scan
-
-    try:
-        await apublish_scan(scan)
-    except Exception:
-        logger.exception("Could not publish the status of scan %s", scan.pk)
 
 
 # --- the embedded runner (ASGI lifespan) -------------------------------------------------------

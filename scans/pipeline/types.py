@@ -1,11 +1,15 @@
-"""The seams of the pipeline: a rendered page, an engine, and what an engine returns."""
+"""The seams of the pipeline: a rendered page, an engine, and the one shape of a page's outcome.
+
+`PageResult` travels unchanged from the engine (one answer) through the retry policy (which fills in
+`status`, `attempts`, `warnings` and the tokens of every attempt) to the commit that stores it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypedDict
+from typing import Any, Literal, Protocol, TypedDict
 
-from vllm_control.config import OCRConfig
+from scans.pipeline.options import OCRConfig
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,25 @@ class PageImage:
     width: int
     height: int
     rotation: int = 0  # degrees clockwise applied when rendering (olmOCR rotation correction)
+    warnings: tuple["PageWarning", ...] = ()  # e.g. decoded partially: carried to the page's outcome
+
+
+@dataclass(frozen=True)
+class RenderFailure:
+    """A page that could not be rendered: it fails alone, with `message` as its error."""
+
+    number: int
+    message: str
+
+
+WarningCode = Literal["blank", "empty", "truncated", "repetition", "decoded_partially", "fallback", "reasoning"]
+
+
+class PageWarning(TypedDict):
+    """A page that is done but deserves a look; `message` is meant for a person."""
+
+    code: WarningCode
+    message: str
 
 
 BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the page image, origin top-left
@@ -44,24 +67,35 @@ class PageLayout(TypedDict):
     lines: list[LineBox]
 
 
+PageStatus = Literal["done", "failed"]
+
+
 @dataclass
 class PageResult:
+    """What became of one page. An engine returns one answer (`status` "done", `attempts` 1); the
+    retry policy returns the page's outcome with the tokens of every answer it received."""
+
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
-    latency_ms: int = 0
+    latency_ms: int | None = None  # of the last answer
     finish_reason: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     layout: PageLayout | None = None  # CPU engines give word boxes; VLM answers do not
+    status: PageStatus = "done"
+    attempts: int = 1
+    error: str = ""  # why the page failed, or what the fallback replaced
+    fallback: bool = False  # the text is the PDF's own text layer, not OCR
+    warnings: list[PageWarning] = field(default_factory=list)
 
 
 class Engine(Protocol):
     """Turns one page image into text. Implementations: the vLLM (OpenAI-compatible) engine and the
-    built-in CPU engine."""
+    built-in CPU engine. Engines without sampling ignore `temperature` (None: the configured one)."""
 
     name: str  # "vllm" | "builtin"
     model: str
 
-    async def ocr_page(self, image: PageImage, options: OCRConfig) -> PageResult: ...
+    async def ocr_page(self, image: PageImage, options: OCRConfig, *, temperature: float | None = None) -> PageResult: ...
 
     async def aclose(self) -> None: ...

@@ -10,10 +10,17 @@ from typing import Any
 
 import httpx
 
-from scans.pipeline.errors import OutputRejected, PermanentEngineError, TransientEngineError, UnparsableOutput
+from scans.pipeline.errors import (
+    OutputRejected,
+    PermanentEngineError,
+    RequestRejected,
+    TransientEngineError,
+    UnparsableOutput,
+)
 from scans.pipeline.prompts import build_prompt, clean_markdown, parse_olmocr
 from scans.pipeline.types import PageImage, PageResult
-from vllm_control.config import OCRConfig, normalize_base_url
+from scans.pipeline.options import OCRConfig
+from vllm_control.config import normalize_base_url
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_DETAIL_CHARS = 300
@@ -154,7 +161,7 @@ class VLLMEngine:
             )
         if status == 404:
             raise PermanentEngineError(await self._not_found_message(detail), status=status)
-        raise PermanentEngineError(f"The server rejected the request ({status}): {detail}", status=status)
+        raise RequestRejected(f"The server rejected this page's request ({status}): {detail}", status=status)
 
     async def _not_found_message(self, detail: str) -> str:
         served = await self.served_models()

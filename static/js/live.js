@@ -243,7 +243,9 @@
       setText(field(root, "rate"), rate);
       for (const form of root.querySelectorAll("[data-show-when]")) {
         const when = form.dataset.showWhen.split(" ");
-        form.hidden = !(when.includes(totals.status) || (when.includes("failed-pages") && totals.failed > 0));
+        // Retry resends a finished scan's failed and never-sent pages (a scan that failed as a whole has only the latter).
+        const retryable = FINISHED.includes(totals.status) && totals.failed + totals.pending + totals.running > 0;
+        form.hidden = !(when.includes(totals.status) || (when.includes("retryable") && retryable));
       }
     }
 

@@ -7,6 +7,7 @@ import signal
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from scans.pipeline.options import ocr_config
 from vllm_control.config import describe_options, normalize_base_url, resolve_config
 from vllm_control.models import DEFAULT_MODEL, VLMSettings
 
@@ -21,7 +22,7 @@ def test_defaults_without_environment() -> None:
     assert local.serve_args == ()
     assert (local.stop_signal, local.stop_grace_ms) == (signal.SIGTERM, 5000)
     assert config.model == config.served_model_name == DEFAULT_MODEL
-    assert config.ocr.target_longest_side == 1288
+    assert ocr_config(VLMSettings.load()).target_longest_side == 1288
 
 
 def test_environment_gives_defaults_and_saved_values_override_them() -> None:

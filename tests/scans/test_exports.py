@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 
 from scans import exports
 from scans.models import Page, Scan
-from scans.progress import scan_totals
+from scans.selectors import scan_totals
 from scans.selectors import document_markdown
 
 pytestmark = pytest.mark.django_db

@@ -14,6 +14,7 @@ import signal
 
 from django.core.management.base import BaseCommand, CommandParser
 
+from ocrsite.database import ensure_migrated
 from scans.management.commands.ocr import positive_int
 from scans.pipeline.runner import Runner
 
@@ -29,6 +30,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
+        ensure_migrated(self.stderr)
         runner = Runner(max_in_flight=opts["concurrency"], once=opts["once"])
         asyncio.run(self._run(runner))
 

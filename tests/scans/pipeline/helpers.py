@@ -16,7 +16,7 @@ from PIL import Image
 from scans.pipeline.types import PageImage
 from tests.fakes.pages import page_image
 from tests.support import FAKE_VLLM, free_port, kill_group, port_open, wait_until
-from vllm_control.config import OCRConfig
+from scans.pipeline.options import OCRConfig
 
 MODEL = "test/ocr-model"
 

@@ -219,18 +219,3 @@ async def test_cancellation_during_backoff() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 1)
     assert len(engine.calls) == 1
-
-
-async def test_engine_without_temperature_parameter() -> None:
-    class Builtin:
-        name = "builtin"
-        model = "rapidocr"
-
-        async def ocr_page(self, image, options):
-            return PageResult(f"PAGE {image.number}")
-
-        async def aclose(self):
-            pass
-
-    outcome = await ocr_page_with_retries(Builtin(), marked_page(4), ocr_options(), rerender=no_rerender)
-    assert outcome.text == "PAGE 4"

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from scans.pipeline.errors import OutputRejected, PermanentEngineError, TransientEngineError
+from scans.pipeline.errors import OutputRejected, PermanentEngineError, RequestRejected, TransientEngineError
 from scans.pipeline.vllm_engine import VLLMEngine
 from tests.fakes.pages import read_marker
 from tests.scans.pipeline.helpers import MODEL, marked_page, ocr_options
@@ -128,10 +128,17 @@ async def test_404_without_an_api() -> None:
         await engine.ocr_page(marked_page(1), ocr_options())
 
 
-@pytest.mark.parametrize(("status", "expected"), [(401, "API key"), (403, "API key"), (400, "image is not valid")])
+@pytest.mark.parametrize(("status", "expected"), [(401, "API key"), (403, "API key")])
 async def test_permanent_statuses(status: int, expected: str) -> None:
     engine = engine_with(lambda r: httpx.Response(status, json={"error": {"message": "The image is not valid"}}))
     with pytest.raises(PermanentEngineError, match=expected):
+        await engine.ocr_page(marked_page(1), ocr_options())
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_rejected_request_concerns_only_its_page(status: int) -> None:
+    engine = engine_with(lambda r: httpx.Response(status, json={"error": {"message": "The image is not valid"}}))
+    with pytest.raises(RequestRejected, match=f"rejected this page's request \\({status}\\): The image is not valid"):
         await engine.ocr_page(marked_page(1), ocr_options())
 
 

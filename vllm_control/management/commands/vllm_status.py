@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand
 
 from vllm_control import runtime
 from vllm_control.config import resolve_config
+from vllm_control.events import status_payload
 from vllm_control.status import ServerState
 
 
@@ -23,9 +24,7 @@ class Command(BaseCommand):
         config = resolve_config()
         status = asyncio.run(runtime.current_status(config, fresh=True))
         if options["json"]:
-            data = status.to_dict()
-            data.pop("log_tail")
-            self.stdout.write(json.dumps(data))
+            self.stdout.write(json.dumps(status_payload(status, staff=False)))
         else:
             self.stdout.write(f"mode: {status.mode}\nstate: {status.state}\nmodel: {status.model}")
             for label, value in (

@@ -1,0 +1,168 @@
+"""The live-event transport both apps use: publish typed payloads to Channels groups, and the WebSocket
+consumer base that serves them.
+
+Rules (DESIGN.md, "Live events"):
+- events go out after the write they describe has committed (`publish_on_commit` for sync code);
+- channel layers deliver at most once, so every connection gets a full snapshot on connect and on a
+  `{"type": "resync"}` from the browser, and an event whose data was read before that snapshot is dropped;
+- publishing never raises into the caller: a channel-layer outage must not break OCR or a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+SEND_TIMEOUT_S = 5.0
+EVENT_HANDLER = "live.event"  # consumers implement `live_event`
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+
+Message = tuple[str, Mapping[str, Any]]  # (group, payload)
+Build = Callable[[], list[Message]]  # sync: reads the database, returns what to send
+
+_background: set[asyncio.Task] = set()
+
+
+async def send(messages: Iterable[Message], *, read_at: float) -> None:
+    """Send each payload to its group within SEND_TIMEOUT_S. `read_at` (epoch seconds, taken before the
+    payloads' data was read) lets a consumer drop events older than the snapshot it has sent.
+    Raises what the channel layer raises."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    for group, payload in messages:
+        message = {"type": EVENT_HANDLER, "payload": payload, "read_at": read_at}
+        await asyncio.wait_for(layer.group_send(group, message), SEND_TIMEOUT_S)
+
+
+async def publish(messages: Iterable[Message], *, read_at: float, what: str) -> None:
+    """`send`, logging instead of raising; `what` names the subject in the log line."""
+    try:
+        await send(messages, read_at=read_at)
+    except Exception:
+        logger.warning("Could not publish %s", what, exc_info=True)
+
+
+async def publish_built(build: Build, *, what: str) -> None:
+    """Read the payloads with `build` (off the event loop), then publish them. Never raises."""
+    read_at = time.time()
+    try:
+        messages = await sync_to_async(build)()
+    except Exception:
+        logger.warning("Could not read %s to publish it", what, exc_info=True)
+        return
+    await publish(messages, read_at=read_at, what=what)
+
+
+def spawn(coroutine) -> None:
+    """Run a publishing coroutine in the background of the running loop, keeping a reference to it."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def publish_now(build: Build, *, what: str) -> None:
+    """From sync code: build and publish at once. Never raises.
+
+    On an event loop's thread (sync code called from async code) it may neither query the database nor
+    block, so it schedules the work on that loop instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        spawn(publish_built(build, what=what))
+        return
+    read_at = time.time()
+    try:
+        messages = build()
+        # In a sync view's thread under ASGI, async_to_sync runs this on the server's loop (where the
+        # in-memory channel layer lives); in a plain thread it runs on a loop of its own.
+        async_to_sync(send)(messages, read_at=read_at)
+    except Exception:
+        logger.warning("Could not publish %s", what, exc_info=True)
+
+
+def publish_on_commit(build: Build, *, what: str) -> None:
+    """From sync code inside (or outside) a transaction: publish once it commits. Never raises."""
+    try:
+        transaction.on_commit(lambda: publish_now(build, what=what))
+    except Exception:
+        logger.warning("Could not schedule publishing %s", what, exc_info=True)
+
+
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """Joins the groups `authorize` names, sends `snapshot()`, then forwards newer `live.event`s.
+
+    Subclasses implement `authorize(user) -> groups | None` (None: forbidden) and `snapshot()`."""
+
+    groups_joined: list[str]
+    snapshot_started: float = 0.0
+
+    async def dispatch(self, message: dict) -> None:
+        # Channels closes stale DB connections before every handler, through the one thread-sensitive
+        # executor where it queues behind the runner's writes; forwarding an event touches no database.
+        if message.get("type") == EVENT_HANDLER:
+            await self.live_event(message)
+            return
+        await super().dispatch(message)
+
+    async def connect(self) -> None:
+        self.groups_joined = []
+        user = self.scope.get("user")
+        # Accept, then close with a code: a refused handshake reaches the browser as a bare 1006, and
+        # live.js needs the code to know that reconnecting will not help.
+        await self.accept()
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user = user
+        groups = await self.authorize(user)
+        if groups is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        for group in groups:
+            await self.channel_layer.group_add(group, self.channel_name)
+            self.groups_joined.append(group)
+        await self.send_snapshot()
+
+    async def disconnect(self, code: int) -> None:
+        for group in getattr(self, "groups_joined", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs) -> None:
+        if isinstance(content, dict) and content.get("type") == "resync":
+            await self.send_snapshot()
+
+    async def send_snapshot(self) -> None:
+        self.snapshot_started = time.time()
+        snapshot = await self.snapshot()
+        if snapshot:  # empty when the subject vanished and the socket was closed
+            await self.send_json(snapshot)
+
+    async def live_event(self, message: dict) -> None:
+        # An event whose data was read before this connection's snapshot is already in the snapshot (or
+        # superseded by it); forwarding it would show an older state.
+        if message.get("read_at", float("inf")) < self.snapshot_started:
+            return
+        await self.forward(message["payload"])
+
+    async def forward(self, payload: dict) -> None:
+        await self.send_json(payload)
+
+    async def authorize(self, user) -> list[str] | None:
+        raise NotImplementedError
+
+    async def snapshot(self) -> Mapping[str, Any]:
+        raise NotImplementedError

@@ -1,0 +1,72 @@
+"""OCR options: how a page is read (prompt, image size, sampling, retries, requests in flight).
+
+Their effective values come from the one settings row (`vllm_control.models.VLMSettings` keeps them
+beside the model-server options, so the settings page edits both), and each scan may override some of
+them in `Scan.options` (set by `manage.py ocr`, later by the API).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from vllm_control.config import normalize_base_url
+from vllm_control.models import VLMSettings
+
+
+@dataclass(frozen=True)
+class OCRConfig:
+    prompt_preset: str  # "markdown" | "olmocr" | "custom"
+    custom_prompt: str
+    target_longest_side: int  # px
+    image_format: str  # "png" | "jpeg"
+    max_tokens: int
+    temperature: float
+    page_retries: int  # attempts after the first
+    max_in_flight: int  # requests out at once per runner
+    request_timeout_s: int
+
+
+def ocr_config(row: VLMSettings) -> OCRConfig:
+    return OCRConfig(
+        prompt_preset=row.prompt_preset,
+        custom_prompt=row.custom_prompt,
+        target_longest_side=row.target_longest_side,
+        image_format=row.image_format,
+        max_tokens=row.max_tokens,
+        temperature=row.temperature,
+        page_retries=row.page_retries,
+        max_in_flight=row.max_in_flight,
+        request_timeout_s=row.request_timeout_s,
+    )
+
+
+async def aocr_config() -> OCRConfig:
+    row, _ = await VLMSettings.objects.aget_or_create(pk=1)
+    return ocr_config(row)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """Per-scan overrides from `Scan.options`; None means "the settings"."""
+
+    prompt: str | None = None
+    model: str | None = None
+    base_url: str | None = None  # normalized, ends with /v1
+    api_key: str | None = None
+    concurrency: int | None = None
+    engine: str | None = None
+
+    @classmethod
+    def from_scan(cls, options: dict) -> ScanOptions:
+        concurrency = options.get("concurrency")
+        return cls(
+            prompt=options.get("prompt") or None,
+            model=options.get("model") or None,
+            base_url=normalize_base_url(options.get("base_url") or "") or None,
+            api_key=options.get("api_key") or None,
+            concurrency=int(concurrency) if concurrency else None,
+            engine=options.get("engine") or None,
+        )
+
+    def apply(self, ocr: OCRConfig) -> OCRConfig:
+        return replace(ocr, prompt_preset=self.prompt) if self.prompt else ocr
