@@ -12,6 +12,7 @@ from django.views.decorators.http import require_POST
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
 from vllm_control.events import status_payload
+from vllm_control.startup_errors import not_found
 from vllm_control.status import ServerStatus
 
 
@@ -46,6 +47,8 @@ def _local_only(config: EffectiveConfig, action: str) -> JsonResponse | None:
 def start(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     if refused := _local_only(config, "Start"):
         return refused
+    if not config.local.vllm_bin_found:
+        return _answer(False, not_found(config.local.vllm_bin).message, None, 400)
     status = runtime.run_sync(lambda: runtime.start_local(config))
     return _answer(True, "Starting the vLLM server.", status)
 

@@ -242,12 +242,7 @@ async def current_status(config: EffectiveConfig, *, fresh: bool = False) -> Ser
             return _external_status[1]
         result = await probe(config.external_base_url, api_key=config.api_key, model=config.served_model_name)
         return await _remember_external(config, result)
-    return ServerStatus(
-        mode=config.mode,
-        state=ServerState.STOPPED,
-        model=config.model,
-        last_error="Built-in mode does not use a model server.",
-    )
+    return ServerStatus(mode=config.mode, state=ServerState.STOPPED, model=config.model)  # Built-in: no server
 
 
 def _status_of(supervisor: Supervisor) -> Callable[[], Awaitable[ServerStatus]]:

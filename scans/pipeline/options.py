@@ -7,7 +7,7 @@ them in `Scan.options` (set by `manage.py ocr`, later by the API).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
@@ -27,17 +27,8 @@ class OCRConfig:
 
 
 def ocr_config(row: VLMSettings) -> OCRConfig:
-    return OCRConfig(
-        prompt_preset=row.prompt_preset,
-        custom_prompt=row.custom_prompt,
-        target_longest_side=row.target_longest_side,
-        image_format=row.image_format,
-        max_tokens=row.max_tokens,
-        temperature=row.temperature,
-        page_retries=row.page_retries,
-        max_in_flight=row.max_in_flight,
-        request_timeout_s=row.request_timeout_s,
-    )
+    """The settings row's OCR options (its fields carry the same names)."""
+    return OCRConfig(**{option.name: getattr(row, option.name) for option in fields(OCRConfig)})
 
 
 async def aocr_config() -> OCRConfig:

@@ -97,6 +97,7 @@
   // --- the model server: header indicator and the settings page's card ---------------------------------
 
   function applyServerStatus(status) {
+    document.dispatchEvent(new CustomEvent("server-status", { detail: status }));
     const indicator = document.getElementById("server-indicator");
     if (indicator) {
       indicator.dataset.state = status.state;
@@ -120,7 +121,9 @@
       field(card, "last_health_check"),
       status.last_health_check ? new Date(status.last_health_check).toLocaleString() : "—",
     );
-    setText(field(card, "last_error"), status.last_error || "");
+    const lastError = field(card, "last_error");
+    setText(lastError, status.last_error || "—");
+    if (lastError) lastError.classList.toggle("error", Boolean(status.last_error));
     const log = field(card, "log_tail");
     if (log) {
       setText(log, status.log_tail.join("\n"));

@@ -67,6 +67,12 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def release_model_server(self) -> None:
+        """The supervised double stays `starting` until this is called (FAKE_VLLM_HOLD_UNTIL)."""
+        hold = self.env.get("FAKE_VLLM_HOLD_UNTIL")
+        if hold:
+            Path(hold).touch()
+
 
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
@@ -124,7 +130,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
         "VLLM_HOST": "127.0.0.1",
         "VLLM_STOP_GRACE_MS": "1000",
         "FAKE_VLLM_LATENCY": "0.5",
-        "FAKE_VLLM_STARTUP_DELAY": "3",
+        "FAKE_VLLM_STARTUP_DELAY": "0.2",
+        "FAKE_VLLM_HOLD_UNTIL": str(tmp_path_factory.mktemp("vllm-hold") / "release"),
     }
     with running_server(tmp_path_factory.mktemp("browser-data"), extra, SETTINGS_SCRIPT) as server:
         yield server
@@ -189,6 +196,7 @@ def states_seen(page, key: str) -> list[str]:
 def upload_and_watch_until_done(page, server: Server, pdf: Path, pages: int) -> list[list[str]]:
     """Upload through the page, then wait, without reloading, until the scan and its pages are done.
     Returns each page's status history as the browser showed it."""
+    server.release_model_server()
     page.goto(f"{server.url}/scans/upload/")
     page.set_input_files("#files", str(pdf))
     page.click("#upload-form button[type=submit]")

@@ -17,9 +17,11 @@ from tests.support import manage
 pytestmark = pytest.mark.browser
 
 def test_settings_page_shows_start_then_a_crash_and_restart(page, server):
-    """Runs first in this module: the model server was autostarted with a 3 s start-up delay."""
+    """Runs first in this module: the autostarted model server is held in `starting` until released."""
     page.goto(f"{server.url}/settings/")
     marker = page.evaluate(WATCH_STATES, ["#server-status", "data-state"])
+    page.wait_for_selector("#server-status[data-state=starting]")
+    server.release_model_server()
     page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
     assert "starting" in states_seen(page, "server-status"), states_seen(page, "server-status")
     assert page.locator("#server-indicator").get_attribute("data-state") == "ready"

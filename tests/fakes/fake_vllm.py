@@ -5,6 +5,8 @@ Pillow (and `pages`) are imported on the first chat request.
 
 Knobs (environment variables):
   FAKE_VLLM_STARTUP_DELAY   seconds before listening (port bound at once, connections refused), default 0.5
+  FAKE_VLLM_HOLD_UNTIL      a path: after the start-up delay, keep starting (not listening) until it exists,
+                            so a test sees `starting` for as long as it needs and then releases the server
   FAKE_VLLM_LATENCY         seconds per chat request, spent while holding a capacity slot, default 0
   FAKE_VLLM_CAPACITY        chat requests processed at once (others wait), default 256
   FAKE_VLLM_ERROR_RATE      fraction of chat requests answered 500
@@ -85,6 +87,7 @@ def _int_set(name: str) -> set[int]:
 @dataclass
 class Knobs:
     startup_delay: float = field(default_factory=lambda: _float("FAKE_VLLM_STARTUP_DELAY", 0.5))
+    hold_until: str = field(default_factory=lambda: os.environ.get("FAKE_VLLM_HOLD_UNTIL", ""))
     latency: float = field(default_factory=lambda: _float("FAKE_VLLM_LATENCY", 0.0))
     capacity: int = field(default_factory=lambda: _int("FAKE_VLLM_CAPACITY", 256) or 256)
     error_rate: float = field(default_factory=lambda: _float("FAKE_VLLM_ERROR_RATE", 0.0))
@@ -906,7 +909,10 @@ def serve(argv: list[str]) -> int:
         stop.wait(knobs.startup_delay)
         server.server_close()
         return fail("gated", child.pid)
-    if stop.wait(knobs.startup_delay):
+    stopped = stop.wait(knobs.startup_delay)
+    while knobs.hold_until and not stopped and not Path(knobs.hold_until).exists():
+        stopped = stop.wait(0.05)
+    if stopped:
         server.server_close()
         log("INFO", "launcher.py:110", "Shutting down FastAPI HTTP server.")
         stop_child(child)
