@@ -61,56 +61,72 @@ class Row:
     met: bool | None
 
 
+async def render_all(path: Path, pages: int, on_page, concurrency: int) -> None:
+    """Render every page as the runner does (PageSource, its two render threads), `concurrency` at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scans.pipeline.page_source import PageSource
+    from scans.pipeline.render import RENDER_THREADS
+
+    slots = asyncio.Semaphore(concurrency)
+    with ThreadPoolExecutor(RENDER_THREADS) as executor:
+        source = PageSource(path, "application/pdf", longest_side=LONGEST_SIDE, image_format="png", executor=executor)
+
+        async def one(number: int) -> None:
+            try:
+                await on_page(await source.render(number))
+            finally:
+                slots.release()
+
+        tasks = []
+        for number in range(1, pages + 1):
+            await slots.acquire()
+            tasks.append(asyncio.create_task(one(number)))
+        await asyncio.gather(*tasks)
+        source.close()
+
+
 def raw_render_rate(path: Path, pages: int) -> float:
     """Pages/s of rendering + PNG encoding alone, in this process, as the pipeline does it."""
     import django
 
     django.setup()
-    from scans.pipeline.render import render_pages
 
     async def run() -> float:
+        async def nothing(image) -> None:
+            pass
+
         started = time.perf_counter()
-        count = 0
-        async for _ in render_pages(path, "application/pdf", range(1, pages + 1), longest_side=LONGEST_SIDE, image_format="png"):
-            count += 1
-        return count / (time.perf_counter() - started)
+        await render_all(path, pages, nothing, concurrency=4)
+        return pages / (time.perf_counter() - started)
 
     return asyncio.run(run())
 
 
 def engine_loop_rate(path: Path, pages: int, base_url: str, concurrency: int) -> tuple[float, int]:
-    """Pages/s of render_pages + ocr_page_with_retries with `concurrency` requests in flight, without the
+    """Pages/s of rendering + ocr_page_with_retries with `concurrency` pages in flight, without the
     database runner: the page-level pipeline alone. Returns (pages/s, pages whose text was wrong)."""
     import django
 
     django.setup()
-    from scans.pipeline.page_ocr import ocr_page_with_retries
-    from scans.pipeline.render import render_pages
-    from scans.pipeline.vllm_engine import VLLMEngine
     from scans.pipeline.options import OCRConfig
+    from scans.pipeline.page_ocr import ocr_page_with_retries
+    from scans.pipeline.vllm_engine import VLLMEngine
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     ocr = OCRConfig("markdown", "", LONGEST_SIDE, "png", 4096, 0.0, 3, concurrency, 60)
 
     async def run() -> tuple[float, int]:
         engine = VLLMEngine(base_url, MODEL, timeout_s=60, max_in_flight=concurrency)
-        slots = asyncio.Semaphore(concurrency)
         wrong = 0
 
         async def one(image) -> None:
             nonlocal wrong
-            try:
-                outcome = await ocr_page_with_retries(engine, image, ocr, rerender=None)  # type: ignore[arg-type]
-                wrong += not outcome.text.startswith(f"# PAGE {image.number}\n")
-            finally:
-                slots.release()
+            outcome = await ocr_page_with_retries(engine, image, ocr, rerender=None)  # type: ignore[arg-type]
+            wrong += not outcome.text.startswith(f"# PAGE {image.number}\n")
 
         started = time.perf_counter()
-        tasks = []
-        async for image in render_pages(path, "application/pdf", range(1, pages + 1), longest_side=LONGEST_SIDE, image_format="png"):
-            await slots.acquire()
-            tasks.append(asyncio.create_task(one(image)))
-        await asyncio.gather(*tasks)
+        await render_all(path, pages, one, concurrency)
         elapsed = time.perf_counter() - started
         await engine.aclose()
         return pages / elapsed, wrong

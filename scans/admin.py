@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from scans.models import Page, Scan
+from scans.models import Page, Scan, Worker
 
 PAGE_FIELDS = (
     "number", "status", "attempts", "fallback", "finish_reason", "latency_ms",
@@ -22,11 +22,12 @@ class PageInline(admin.TabularInline):
 
 @admin.register(Scan)
 class ScanAdmin(admin.ModelAdmin):
-    list_display = ("id", "original_filename", "owner", "status", "page_count", "engine", "model", "created_at")
+    list_display = ("id", "original_filename", "owner", "status", "priority", "page_count", "engine", "model", "created_at")
+    list_editable = ("priority",)  # staff change a scan's share of the runners here
     list_filter = ("status", "content_type", "engine")
     search_fields = ("original_filename", "sha256", "owner__username")
     readonly_fields = (
-        "file", "content_type", "size", "sha256", "page_count", "has_text_layer", "worker_id", "heartbeat_at",
+        "file", "content_type", "size", "sha256", "page_count", "has_text_layer",
         "created_at", "started_at", "finished_at", "input_tokens", "output_tokens",
     )
     inlines = [PageInline]
@@ -38,3 +39,12 @@ class PageAdmin(admin.ModelAdmin):
     list_filter = ("status", "fallback", "finish_reason")
     search_fields = ("scan__original_filename", "text")
     readonly_fields = ("scan", "number", "worker_id", "started_at", "finished_at")
+
+
+@admin.register(Worker)
+class WorkerAdmin(admin.ModelAdmin):
+    list_display = ("worker_id", "started_at", "heartbeat_at")
+    readonly_fields = ("worker_id", "started_at", "heartbeat_at")
+
+    def has_add_permission(self, request) -> bool:
+        return False

@@ -6,7 +6,6 @@ The command parses arguments and prints; this module owns who owns the scans, ho
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from scans import exports, selectors, services
 from scans.events import PageCounts
 from scans.models import Page, Scan
-from scans.pipeline.runner import Runner, poll_interval
+from scans.pipeline.runner import Runner
 
 
 class OwnerNotFound(LookupError):
@@ -95,25 +94,14 @@ def pages_to_send(scans: list[Scan]) -> int:
 
 
 async def run_batch(scans: list[Scan], *, concurrency: int | None, secrets: dict[int, str], progress: BatchProgress) -> None:
-    """Process every scan to the end with one runner; a scan another runner (the web server, a worker)
-    claimed first is waited for."""
+    """Process every scan to the end with one runner (pages another runner, e.g. the web server's,
+    takes meanwhile are waited for)."""
     by_id = {scan.pk: scan for scan in scans}
 
     async def on_page(page: Page) -> None:
         progress.page(by_id[page.scan_id], page)
 
-    runner = Runner(max_in_flight=concurrency, on_page=on_page, secrets=secrets)
-
-    async def one(scan_id: int) -> None:
-        if await runner.run_scan(scan_id) is not None:
-            return
-        while True:
-            scan = await Scan.objects.filter(pk=scan_id).afirst()
-            if scan is None or scan.is_finished:
-                return
-            await asyncio.sleep(poll_interval())
-
-    await asyncio.gather(*(one(scan.pk) for scan in scans))
+    await Runner(max_in_flight=concurrency, on_page=on_page, secrets=secrets).run_scans(list(by_id))
 
 
 def cancel_unfinished(scan_ids: list[int]) -> None:

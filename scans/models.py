@@ -22,7 +22,16 @@ class Scan(models.Model):
         FAILED = "failed"
         CANCELLED = "cancelled"
 
+    class Priority(models.IntegerChoices):
+        """A scan of priority p gets 4**p times the share of a normal one, never all of it."""
+
+        LOW = -1
+        NORMAL = 0
+        HIGH = 1
+        URGENT = 2
+
     FINISHED = (Status.DONE, Status.DONE_WITH_ERRORS, Status.FAILED, Status.CANCELLED)
+    ACTIVE = (Status.QUEUED, Status.PROCESSING)
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="scans")
     file = models.FileField(upload_to=scan_upload_path)
@@ -33,14 +42,12 @@ class Scan(models.Model):
     page_count = models.PositiveIntegerField()
     has_text_layer = models.BooleanField(default=False)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    priority = models.SmallIntegerField(default=0)
+    priority = models.SmallIntegerField(choices=Priority.choices, default=Priority.NORMAL)
     error = models.TextField(blank=True)
     engine = models.CharField(max_length=20, blank=True)
     model = models.CharField(max_length=200, blank=True)
     # Per-scan overrides of the effective OCR options (e.g. from `manage.py ocr --prompt olmocr`).
     options = models.JSONField(default=dict, blank=True)
-    worker_id = models.CharField(max_length=100, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -86,13 +93,28 @@ class Page(models.Model):
     warnings = models.JSONField(default=list, blank=True)
     # Word and line boxes where the engine gives them (scans.pipeline.types.PageLayout), else null.
     layout = models.JSONField(null=True, blank=True)
-    worker_id = models.CharField(max_length=100, blank=True)
+    worker_id = models.CharField(max_length=100, blank=True)  # the Worker holding it while running
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["scan", "number"]
+        indexes = [models.Index(fields=["status", "scan"], name="page_queue_idx")]
         constraints = [models.UniqueConstraint(fields=["scan", "number"], name="unique_page_number")]
 
     def __str__(self) -> str:
         return f"{self.scan_id} p{self.number}"
+
+
+class Worker(models.Model):
+    """A runner (the web server's, an `ocr_worker`, an `ocr` command) that holds running pages.
+
+    Its heartbeat keeps its claims: when it stops beating (the process died, even by SIGKILL), any
+    other runner puts its running pages back to pending."""
+
+    worker_id = models.CharField(max_length=100, primary_key=True)
+    started_at = models.DateTimeField(auto_now_add=True)
+    heartbeat_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.worker_id

@@ -51,6 +51,11 @@ def scan_totals(scan: Scan, *, now: datetime | None = None) -> events.Totals:
     return events.totals(scan, counts, start, now)
 
 
+def scan_statuses(scan_ids: Iterable[int]) -> dict[int, str]:
+    """{scan id: status} of the scans that exist."""
+    return dict(Scan.objects.filter(pk__in=list(scan_ids)).values_list("pk", "status"))
+
+
 def ordered_pages(scan: Scan) -> QuerySet[Page]:
     return Page.objects.filter(scan_id=scan.pk).order_by("number")
 

@@ -1,31 +1,37 @@
-"""Writes on scans and pages: queueing, claiming, committing page results, cancelling, retrying.
+"""Writes on scans and pages: queueing, claiming pages, committing page results, cancelling, retrying.
 
 Every function is keyword-only and typed; each state change is one short transaction whose
 condition (`WHERE status=... AND worker_id=...`) decides whether it happened, so several runners
-(threads, processes, machines) can share the queue without stepping on each other.
+(threads, processes, machines) share the queue without stepping on each other.
+
+Runners claim pages, not scans (see scans.scheduling for which pages): a scan is `queued` until its
+first page is claimed, `processing` while it has pages to send, and finished by the commit of its last
+page. A runner's claims are kept by its heartbeat (`Worker`); when it stops beating, any runner puts
+its running pages back to pending.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db import transaction
+from django.db.models import Count, F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from scans.events import PAGE_STATE_FIELDS
-from scans.models import Page, Scan
+from scans.models import Page, Scan, Worker
 from scans.pipeline import queue_signals
 from scans.pipeline.types import PageResult
 from scans.progress import publish_scan_on_commit
+from scans.scheduling import Candidate, allocate
 
 logger = logging.getLogger(__name__)
 
 UNFINISHED_PAGES = (Page.Status.PENDING, Page.Status.RUNNING)
-ACTIVE_SCANS = (Scan.Status.QUEUED, Scan.Status.PROCESSING)
 
 
 def announce_queued(*, scan_id: int) -> None:
@@ -55,25 +61,23 @@ def retry_failed_pages(*, scan: Scan) -> int:
             return 0
         current.pages.filter(status=Page.Status.FAILED).update(
             status=Page.Status.PENDING, error="", text="", attempts=0, finish_reason="", worker_id="",
-            started_at=None, finished_at=None, latency_ms=None,
+            started_at=None, finished_at=None, latency_ms=None, warnings=[],
         )
         unfinished = current.pages.filter(status__in=UNFINISHED_PAGES).count()
         if not unfinished:
             return 0
-        Scan.objects.filter(pk=scan.pk).update(
-            status=Scan.Status.QUEUED, error="", worker_id="", heartbeat_at=None, finished_at=None
-        )
+        Scan.objects.filter(pk=scan.pk).update(status=Scan.Status.QUEUED, error="", started_at=None, finished_at=None)
         announce_queued(scan_id=scan.pk)
     scan.refresh_from_db()
     return unfinished
 
 
 def cancel_scan(*, scan: Scan) -> bool:
-    """Cancel a queued or processing scan; the runner processing it stops its in-flight requests.
-    Returns False when the scan had already finished."""
+    """Cancel a queued or processing scan; the runners holding its pages stop their in-flight requests
+    and put those pages back to pending. Returns False when the scan had already finished."""
     now = timezone.now()
     with transaction.atomic():
-        changed = Scan.objects.filter(pk=scan.pk, status__in=ACTIVE_SCANS).update(
+        changed = Scan.objects.filter(pk=scan.pk, status__in=Scan.ACTIVE).update(
             status=Scan.Status.CANCELLED, finished_at=now
         )
         if changed:
@@ -92,129 +96,148 @@ def delete_scan(*, scan: Scan) -> None:
         transaction.on_commit(lambda: storage.delete(name))
 
 
-# --- claiming (used by the runner) -----------------------------------------------------------
+def set_scan_priority(*, scan: Scan, priority: int) -> None:
+    """Change how large a share of the runners' slots the scan gets from now on (Scan.Priority)."""
+    Scan.objects.filter(pk=scan.pk).update(priority=Scan.Priority(priority))
+    scan.priority = priority
+
+
+# --- workers (runners holding pages) ----------------------------------------------------------
+
+
+def heartbeat_worker(*, worker_id: str) -> None:
+    """Register the runner, or refresh its heartbeat: its running pages stay its own."""
+    Worker.objects.update_or_create(worker_id=worker_id, defaults={"heartbeat_at": timezone.now()})
+
+
+def unregister_worker(*, worker_id: str) -> None:
+    """A runner stops cleanly: its running pages go back to pending, for any runner to take."""
+    with transaction.atomic():
+        scans = _release(Page.objects.filter(status=Page.Status.RUNNING, worker_id=worker_id))
+        Worker.objects.filter(worker_id=worker_id).delete()
+    for scan_id in scans:
+        publish_scan_on_commit(scan_id)
+
+
+def recover_stale_workers(*, stale_after: timedelta) -> list[int]:
+    """Put the running pages of runners that stopped sending heartbeats (they died, e.g. by SIGKILL)
+    back to pending; returns the scans that got pages back. A page's result is committed with its
+    `done`/`failed` status in one transaction, so a running page never holds a finished result."""
+    cutoff = timezone.now() - stale_after
+    alive = Worker.objects.filter(heartbeat_at__gte=cutoff).values("worker_id")
+    with transaction.atomic():
+        dead = list(Worker.objects.filter(heartbeat_at__lt=cutoff).values_list("worker_id", flat=True))
+        orphaned = Page.objects.filter(status=Page.Status.RUNNING).exclude(worker_id__in=alive)
+        scans = _release(orphaned)
+        Worker.objects.filter(worker_id__in=dead).delete()
+    for scan_id in scans:
+        publish_scan_on_commit(scan_id)
+    if scans:
+        logger.warning("Requeued the running pages of scans %s: their runner stopped sending heartbeats", scans)
+    return scans
+
+
+def _release(pages) -> list[int]:
+    """Running pages back to pending; a processing scan left with none running goes back to the queue
+    (it shows `queued` until a runner takes its pages again). Returns the scans that changed."""
+    scan_ids = sorted(set(pages.values_list("scan_id", flat=True)))
+    if scan_ids:
+        pages.update(status=Page.Status.PENDING, worker_id="", started_at=None)
+        still_running = Page.objects.filter(scan_id__in=scan_ids, status=Page.Status.RUNNING).values("scan_id")
+        Scan.objects.filter(pk__in=scan_ids, status=Scan.Status.PROCESSING).exclude(pk__in=still_running).update(
+            status=Scan.Status.QUEUED
+        )
+    return scan_ids
+
+
+def release_pages(*, worker_id: str, scan_id: int | None = None, numbers: Collection[int] | None = None) -> None:
+    """This runner gives back pages it holds (cancelled, or it is stopping): running -> pending."""
+    pages = Page.objects.filter(status=Page.Status.RUNNING, worker_id=worker_id)
+    if scan_id is not None:
+        pages = pages.filter(scan_id=scan_id)
+    if numbers is not None:
+        pages = pages.filter(number__in=list(numbers))
+    with transaction.atomic():
+        for released in _release(pages):
+            publish_scan_on_commit(released)
+
+
+# --- claiming pages --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Claim:
-    scan_id: int
-    unfinished: int  # pages to send (pending or left running)
+class ClaimedPage:
+    page: Page  # as marked running (the fields a live event shows)
+    scan_status_changed: bool  # this claim took the scan from queued to processing
 
 
-def _claim(scan_id: int, worker_id: str, *, only_if_queued: bool) -> Claim | None:
+def _candidates(scan_ids: Collection[int] | None) -> tuple[list[Candidate], dict[int, int]]:
+    scans = Scan.objects.filter(status__in=Scan.ACTIVE)
+    if scan_ids is not None:
+        scans = scans.filter(pk__in=list(scan_ids))
+    rows = (
+        scans.annotate(
+            pending=Count("pages", filter=Q(pages__status=Page.Status.PENDING)),
+            running=Count("pages", filter=Q(pages__status=Page.Status.RUNNING)),
+        )
+        .filter(pending__gt=0)
+        .order_by("created_at", "id")
+        .values("id", "owner_id", "priority", "created_at", "pending", "running", "options")[:1000]
+    )
+    candidates = [
+        Candidate(
+            scan_id=row["id"], owner_id=row["owner_id"], priority=row["priority"], created_at=row["created_at"],
+            pending=row["pending"], running=row["running"], cap=_cap(row["options"]),
+        )
+        for row in rows
+    ]
+    by_owner = dict(
+        Page.objects.filter(status=Page.Status.RUNNING)
+        .values_list("scan__owner_id")
+        .annotate(n=Count("id"))
+        .order_by()
+        .values_list("scan__owner_id", "n")
+    )
+    return candidates, by_owner
+
+
+def _cap(options: dict | None) -> int | None:
+    concurrency = (options or {}).get("concurrency")
+    return int(concurrency) if concurrency else None
+
+
+def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None = None) -> list[ClaimedPage]:
+    """Take up to `slots` pending pages for this runner, shared fairly between users and scans
+    (scans.scheduling), lowest page numbers first; `scan_ids` limits the choice (the `ocr` command's
+    own scans). Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
+    if slots <= 0:
+        return []
     now = timezone.now()
-    target = Scan.objects.filter(pk=scan_id)
-    if only_if_queued:
-        target = target.filter(status=Scan.Status.QUEUED)
-    won = target.update(
-        status=Scan.Status.PROCESSING,
-        worker_id=worker_id,
-        heartbeat_at=now,
-        started_at=Coalesce(F("started_at"), now),
-        finished_at=None,
-        error="",
-    )
-    if not won:
-        return None
-    publish_scan_on_commit(scan_id)
-    return Claim(scan_id, Page.objects.filter(scan_id=scan_id, status__in=UNFINISHED_PAGES).count())
-
-
-def claim_next_scan(*, worker_id: str) -> Claim | None:
-    """Atomically take the next queued scan (highest priority, then oldest) for `worker_id`."""
-    order = ("-priority", "created_at", "id")
-    if connection.features.has_select_for_update_skip_locked:
-        with transaction.atomic():
-            scan_id = (
-                Scan.objects.select_for_update(skip_locked=True)
-                .filter(status=Scan.Status.QUEUED)
-                .order_by(*order)
-                .values_list("pk", flat=True)
-                .first()
+    claimed: list[ClaimedPage] = []
+    with transaction.atomic():
+        candidates, by_owner = _candidates(scan_ids)
+        for scan_id, count in allocate(slots, candidates, by_owner).items():
+            numbers = list(
+                Page.objects.select_for_update(skip_locked=True)
+                .filter(scan_id=scan_id, status=Page.Status.PENDING)
+                .order_by("number")
+                .values_list("number", flat=True)[:count]
             )
-            return None if scan_id is None else _claim(scan_id, worker_id, only_if_queued=False)
-    # SQLite: the conditional update's row count decides who got it.
-    for scan_id in Scan.objects.filter(status=Scan.Status.QUEUED).order_by(*order).values_list("pk", flat=True)[:20]:
-        claimed = claim_scan(scan_id=scan_id, worker_id=worker_id)
-        if claimed is not None:
-            return claimed
-    return None
-
-
-def claim_scan(*, scan_id: int, worker_id: str) -> Claim | None:
-    """Atomically take one given scan if it is queued (e.g. the `ocr` command's own scans)."""
-    with transaction.atomic():
-        return _claim(scan_id, worker_id, only_if_queued=True)
-
-
-def heartbeat(*, scan_id: int, worker_id: str) -> bool:
-    """Refresh the claim; False when the scan is no longer ours (cancelled, deleted, reclaimed)."""
-    return bool(
-        Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING, worker_id=worker_id).update(
-            heartbeat_at=timezone.now()
-        )
-    )
-
-
-def recover_stale_claims(*, stale_after: timedelta) -> list[int]:
-    """Requeue processing scans whose worker stopped sending heartbeats (it died, e.g. SIGKILL).
-
-    Their `running` pages go back to `pending`: a page's result is committed with its `done`/`failed`
-    status in one transaction, so a running page never holds a finished result."""
-    cutoff = timezone.now() - stale_after
-    recovered = []
-    stale = Scan.objects.filter(status=Scan.Status.PROCESSING).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True)
-    )
-    for scan_id, worker_id in stale.values_list("pk", "worker_id"):
-        with transaction.atomic():
-            won = Scan.objects.filter(
-                Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True),
-                pk=scan_id, status=Scan.Status.PROCESSING, worker_id=worker_id,
-            ).update(status=Scan.Status.QUEUED, worker_id="", heartbeat_at=None)
-            if won:
-                Page.objects.filter(scan_id=scan_id, status=Page.Status.RUNNING).update(
-                    status=Page.Status.PENDING, worker_id="", started_at=None
-                )
-                recovered.append(scan_id)
-                publish_scan_on_commit(scan_id)
-        if won:
-            logger.warning("Requeued scan %s: worker %s stopped sending heartbeats", scan_id, worker_id or "?")
-    return recovered
-
-
-def release_scan(*, scan_id: int, worker_id: str, requeue: bool) -> None:
-    """Give a scan back after this worker stops working on it: its running pages become pending;
-    with `requeue` (shutdown) a still-processing scan goes back to the queue for another worker."""
-    with transaction.atomic():
-        Page.objects.filter(scan_id=scan_id, status=Page.Status.RUNNING, worker_id=worker_id).update(
-            status=Page.Status.PENDING, worker_id="", started_at=None
-        )
-        if requeue:
-            changed = Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING, worker_id=worker_id).update(
-                status=Scan.Status.QUEUED, worker_id="", heartbeat_at=None
+            if not numbers:
+                continue
+            taken = Page.objects.filter(scan_id=scan_id, number__in=numbers, status=Page.Status.PENDING)
+            taken.update(status=Page.Status.RUNNING, worker_id=worker_id, started_at=now, attempts=1)
+            started = Scan.objects.filter(pk=scan_id, status=Scan.Status.QUEUED).update(
+                status=Scan.Status.PROCESSING, started_at=Coalesce(F("started_at"), now), finished_at=None, error=""
             )
-            if changed:
+            if started:
                 publish_scan_on_commit(scan_id)
+            pages = Page.objects.filter(scan_id=scan_id, number__in=numbers, worker_id=worker_id, status=Page.Status.RUNNING)
+            claimed += [ClaimedPage(page, bool(started)) for page in pages.only(*PAGE_STATE_FIELDS).order_by("number")]
+    return claimed
 
 
-# --- page results (used by the runner) -------------------------------------------------------
-
-
-def mark_page_running(*, scan_id: int, number: int, worker_id: str, attempts: int | None = None) -> Page | None:
-    """Claim one page of a scan this worker holds; None when it is not ours to process."""
-    changes: dict = {"status": Page.Status.RUNNING, "worker_id": worker_id, "started_at": timezone.now()}
-    if attempts is not None:
-        changes["attempts"] = attempts
-    with transaction.atomic():
-        changed = Page.objects.filter(
-            Q(status=Page.Status.PENDING) | Q(status=Page.Status.RUNNING, worker_id__in=("", worker_id)),
-            scan_id=scan_id,
-            number=number,
-            scan__status=Scan.Status.PROCESSING,
-            scan__worker_id=worker_id,
-        ).update(**changes)
-        return Page.objects.only(*PAGE_STATE_FIELDS).get(scan_id=scan_id, number=number) if changed else None
+# --- page results ----------------------------------------------------------------------------------
 
 
 def record_attempt(*, scan_id: int, number: int, worker_id: str, attempt: int) -> None:
@@ -224,60 +247,99 @@ def record_attempt(*, scan_id: int, number: int, worker_id: str, attempt: int) -
 
 
 @dataclass(frozen=True)
+class PageOutcomeToCommit:
+    scan_id: int
+    number: int
+    result: PageResult
+
+
+@dataclass(frozen=True)
 class PageCommit:
     page: Page | None  # None when the page was no longer ours (the result was discarded)
-    scan_status: str | None  # the scan's status as seen in the same transaction (None: deleted)
+    scan_status: str | None  # the scan's status after the commit (None: deleted)
 
 
-def commit_page_result(*, scan_id: int, number: int, worker_id: str, result: PageResult) -> PageCommit:
-    """Store a page's outcome and add its tokens to the scan's totals, in one transaction. The page must
-    be running for this worker; otherwise nothing is written (`PageCommit.page` is None)."""
-    fields = dict(
-        status=result.status, text=result.text, fallback=result.fallback, attempts=result.attempts,
-        error=result.error, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
-        latency_ms=result.latency_ms, finish_reason=result.finish_reason[:30], metadata=result.metadata,
-        warnings=list(result.warnings), layout=result.layout, finished_at=timezone.now(),
-    )
-    with transaction.atomic():
-        changed = Page.objects.filter(
-            scan_id=scan_id, number=number, status=Page.Status.RUNNING, worker_id=worker_id
-        ).update(**fields)
-        if changed:
-            Scan.objects.filter(pk=scan_id).update(
-                input_tokens=F("input_tokens") + result.input_tokens,
-                output_tokens=F("output_tokens") + result.output_tokens,
-                heartbeat_at=Coalesce(F("heartbeat_at"), fields["finished_at"]),
-            )
-        scan_status = Scan.objects.filter(pk=scan_id).values_list("status", flat=True).first()
-    # The row as just written (no need to read it back).
-    page = Page(scan_id=scan_id, number=number, worker_id=worker_id, **fields) if changed else None
-    return PageCommit(page, scan_status)
-
-
-def finish_scan(*, scan_id: int, worker_id: str, error: str = "", failed: bool = False) -> Scan | None:
-    """Close a processing scan this worker holds: `failed` with `error`, else `done` or
-    `done_with_errors` from its pages. Returns the scan, or None when it was not ours any more."""
+def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommit]) -> list[PageCommit]:
+    """Store several pages' outcomes in one transaction, add their tokens to their scans' totals, and
+    finish every scan left without unfinished pages. A page must be running for this runner; otherwise
+    its outcome is not written (`PageCommit.page` is None). Returns one PageCommit per outcome."""
     now = timezone.now()
+    written: list[Page | None] = []
     with transaction.atomic():
-        ours = Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING, worker_id=worker_id)
-        Page.objects.filter(scan_id=scan_id, status=Page.Status.RUNNING, worker_id=worker_id).update(
-            status=Page.Status.PENDING, worker_id="", started_at=None
+        scan_ids = sorted({o.scan_id for o in outcomes})
+        # Lock the scans (in id order) so two runners committing a scan's last pages agree on who finishes it.
+        list(Scan.objects.select_for_update().filter(pk__in=scan_ids).order_by("pk").values_list("pk", flat=True))
+        tokens: dict[int, list[int]] = {}
+        for outcome in outcomes:
+            result = outcome.result
+            fields = dict(
+                status=result.status, text=result.text, fallback=result.fallback, attempts=result.attempts,
+                error=result.error, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+                latency_ms=result.latency_ms, finish_reason=result.finish_reason[:30], metadata=result.metadata,
+                warnings=list(result.warnings), layout=result.layout, finished_at=now,
+            )
+            changed = Page.objects.filter(
+                scan_id=outcome.scan_id, number=outcome.number, status=Page.Status.RUNNING, worker_id=worker_id
+            ).update(**fields)
+            # The row as just written (no need to read it back).
+            written.append(Page(scan_id=outcome.scan_id, number=outcome.number, worker_id=worker_id, **fields) if changed else None)
+            if changed:
+                totals = tokens.setdefault(outcome.scan_id, [0, 0])
+                totals[0] += result.input_tokens
+                totals[1] += result.output_tokens
+        for scan_id, (input_tokens, output_tokens) in tokens.items():
+            Scan.objects.filter(pk=scan_id).update(
+                input_tokens=F("input_tokens") + input_tokens, output_tokens=F("output_tokens") + output_tokens
+            )
+        _finish_completed(scan_ids, now)
+        statuses = dict(Scan.objects.filter(pk__in=scan_ids).values_list("pk", "status"))
+    return [PageCommit(page, statuses.get(o.scan_id)) for o, page in zip(outcomes, written)]
+
+
+def _finish_completed(scan_ids: Collection[int], now) -> list[int]:
+    """Inside a transaction: close each processing scan of `scan_ids` that has no page left to send,
+    `done` or `done_with_errors` from its pages."""
+    unfinished = set(
+        Page.objects.filter(scan_id__in=list(scan_ids), status__in=UNFINISHED_PAGES).values_list("scan_id", flat=True)
+    )
+    failed = set(Page.objects.filter(scan_id__in=list(scan_ids), status=Page.Status.FAILED).values_list("scan_id", flat=True))
+    finished = []
+    for scan_id in scan_ids:
+        if scan_id in unfinished:
+            continue
+        status = Scan.Status.DONE_WITH_ERRORS if scan_id in failed else Scan.Status.DONE
+        if Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING).update(status=status, finished_at=now):
+            publish_scan_on_commit(scan_id)
+            finished.append(scan_id)
+    return finished
+
+
+def finish_completed_scans() -> list[int]:
+    """Close processing scans with no page left to send (the commit of the last page normally does;
+    this covers a scan whose last running page was released and then finished elsewhere)."""
+    candidates = list(
+        Scan.objects.filter(status=Scan.Status.PROCESSING)
+        .exclude(pages__status__in=UNFINISHED_PAGES)
+        .values_list("pk", flat=True)
+    )
+    if not candidates:
+        return []
+    with transaction.atomic():
+        list(Scan.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True))
+        return _finish_completed(candidates, timezone.now())
+
+
+def fail_scan(*, scan_id: int, error: str) -> bool:
+    """A problem that concerns every page (no model server, a rejected key, an unknown model): the scan
+    fails with `error`; pages already done are kept and exported, the others can be retried."""
+    with transaction.atomic():
+        changed = Scan.objects.filter(pk=scan_id, status__in=Scan.ACTIVE).update(
+            status=Scan.Status.FAILED, error=error, finished_at=timezone.now()
         )
-        if failed:
-            status = Scan.Status.FAILED
-        else:
-            pages = Page.objects.filter(scan_id=scan_id)
-            left = pages.filter(status__in=UNFINISHED_PAGES).count()
-            if left:  # should not happen while the claim is ours; never leave the scan looping
-                status, error = Scan.Status.FAILED, f"{left} page(s) were not processed; retry the scan."
-            elif pages.filter(status=Page.Status.FAILED).exists():
-                status = Scan.Status.DONE_WITH_ERRORS
-            else:
-                status = Scan.Status.DONE
-        if not ours.update(status=status, error=error, finished_at=now, heartbeat_at=None):
-            return None
-        scan = Scan.objects.get(pk=scan_id)
-    return scan
+        if changed:
+            publish_scan_on_commit(scan_id)
+            transaction.on_commit(lambda: queue_signals.notify_cancelled(scan_id))
+    return bool(changed)
 
 
 def set_scan_engine(*, scan_id: int, engine: str, model: str) -> None:

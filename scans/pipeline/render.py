@@ -8,20 +8,17 @@ Rendering is CPU-bound and runs in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import threading
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pypdfium2 as pdfium
 from PIL import Image, ImageChops, ImageOps
 
-from scans.pipeline.types import PageImage, RenderFailure
+from scans.pipeline.types import PageImage
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +28,8 @@ JPEG_QUALITY = 90
 # bytes sent to a server on the same network; rendering speed is what bounds a fast model server.
 PNG_COMPRESS_LEVEL = 1
 TEXT_LAYER_PAGES_CHECKED = 10
-# Two threads per document: PDFium calls are serialized by the lock, but one page's encoding (which
-# releases the GIL) overlaps the next page's rasterization. Pages still come out in order.
+# Two render threads per runner: PDFium calls are serialized by the lock, but one page's encoding (which
+# releases the GIL) overlaps the next page's rasterization.
 RENDER_THREADS = 2
 
 # Re-entrant so a helper that holds it may call another helper that takes it too.
@@ -206,7 +203,8 @@ def pdf_page_text(path: Path, number: int) -> str:
         return pdf.text(number).strip()
 
 
-def _render(pdf: PdfPages | None, path: Path, number: int, longest_side: int, image_format: str, rotation: int) -> PageImage:
+def render_page(pdf: PdfPages | None, path: Path, number: int, longest_side: int, image_format: str, rotation: int = 0) -> PageImage:
+    """Render page `number` (1-based) of an open PDF, or of the image at `path` when `pdf` is None."""
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"rotation must be 0, 90, 180 or 270, not {rotation}.")
     if pdf is not None:
@@ -223,69 +221,5 @@ def render_page_sync(
     path = Path(path)
     if is_pdf(content_type):
         with PdfPages(path) as pdf:
-            return _render(pdf, path, number, longest_side, image_format, rotation)
-    return _render(None, path, number, longest_side, image_format, rotation)
-
-
-async def render_pages(
-    path: Path,
-    content_type: str,
-    numbers: Sequence[int],
-    *,
-    longest_side: int,
-    image_format: str,
-    lookahead: int = 4,
-) -> AsyncIterator[PageImage | RenderFailure]:
-    """Yield the pages in order, rendered in worker threads at most `lookahead` pages ahead of the
-    consumer: a consumer that stops pulling stops the rendering, so memory is flat for any length.
-
-    A page that cannot be rendered is yielded as a RenderFailure (it fails alone); a PDF that cannot be
-    opened at all yields one for every page."""
-    path = Path(path)
-    lookahead = max(1, lookahead)
-    executor = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="render")
-    pdf: PdfPages | None = None
-    pending: deque[tuple[int, Future[PageImage]]] = deque()
-    try:
-        if is_pdf(content_type):
-            try:
-                pdf = await asyncio.wrap_future(executor.submit(PdfPages, path))
-            except Exception as exc:
-                for number in numbers:
-                    yield RenderFailure(number, f"The file could not be opened: {_describe(exc)}")
-                return
-        queued = iter(numbers)
-
-        def submit_next() -> None:
-            number = next(queued, None)
-            if number is not None:
-                pending.append((number, executor.submit(_render, pdf, path, number, longest_side, image_format, 0)))
-
-        for _ in range(lookahead):
-            submit_next()
-        while pending:
-            number, future = pending[0]
-            try:
-                page: PageImage | RenderFailure = await asyncio.wrap_future(future)
-            except Exception as exc:
-                logger.warning("Page %s of %s could not be rendered", number, path.name, exc_info=True)
-                page = RenderFailure(number, f"The page could not be rendered: {_describe(exc)}")
-            pending.popleft()
-            yield page
-            submit_next()
-    finally:
-        for _, future in pending:
-            future.cancel()
-        if pdf is not None:
-            # Close once the renders already running are over, in a worker: never block the event loop.
-            executor.submit(_close_when_done, pdf, [future for _, future in pending])
-        executor.shutdown(wait=False)
-
-
-def _describe(exc: Exception) -> str:
-    return str(exc) or type(exc).__name__
-
-
-def _close_when_done(pdf: PdfPages, futures: list[Future[PageImage]]) -> None:
-    wait(futures)
-    pdf.close()
+            return render_page(pdf, path, number, longest_side, image_format, rotation)
+    return render_page(None, path, number, longest_side, image_format, rotation)

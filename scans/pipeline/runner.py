@@ -1,37 +1,43 @@
-"""The durable queue runner: claims queued scans and sends their unfinished pages to the engine.
+"""The durable queue runner: claims pages as slots free up and sends them to the engines.
 
 One `Runner` per process (the ASGI server's embedded runner, `manage.py ocr_worker`, or the `ocr`
-command). The database is the queue: claims are atomic conditional updates, each page's result is
-committed in its own transaction as it arrives, and a heartbeat on the scan lets another process
-take over a scan whose worker died. A process never has more than `max_in_flight` requests out,
-shared fairly (FIFO) between the scans it is processing.
+command), with a budget of `max_in_flight` pages. The database is the queue:
+- a free slot claims the next page chosen fairly between users and scans (`services.claim_pages`,
+  `scans.scheduling`), so a small scan never waits behind a big one, and several runners share scans;
+- each page's result is committed as it arrives, grouped with the results that arrive within a few
+  milliseconds into one transaction (`_Committer`); the commit of a scan's last page finishes it;
+- a heartbeat (`Worker` row) keeps this runner's claims; any runner puts the pages of a runner that
+  stopped beating back to pending, and notices there that a scan was cancelled or failed elsewhere.
+An answer that has arrived is always committed: commits are shielded from cancellation, and pages are
+given back only once no commit for them is pending.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
 
 from ocrsite.env import env_int
-from scans import progress, services
+from scans import progress, selectors, services
 from scans.models import Page, Scan
 from scans.pipeline import queue_signals
 from scans.pipeline.engines import build_engine
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig, ScanOptions, aocr_config
 from scans.pipeline.page_ocr import ocr_page_with_retries
-from scans.pipeline.render import pdf_page_text, render_page_sync, render_pages
+from scans.pipeline.page_source import PageSource
+from scans.pipeline.render import RENDER_THREADS, pdf_page_text
 from scans.pipeline.types import Engine, PageImage, PageResult, RenderFailure
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, aresolve_config
@@ -39,7 +45,9 @@ from vllm_control.errors import ModelServerUnavailable
 
 logger = logging.getLogger(__name__)
 
-RENDER_LOOKAHEAD = 4
+COMMIT_WINDOW_S = 0.004  # results arriving this close together share one transaction
+COMMIT_BATCH = 64
+MAX_CACHED_SCANS = 64  # scans whose engine, options and open document are kept between pages
 
 PageCallback = Callable[[Page], Awaitable[None]]
 
@@ -49,26 +57,18 @@ def _env_seconds(name: str, default_ms: int) -> float:
 
 
 def poll_interval() -> float:
-    """How often an idle runner looks for queued scans and a busy one refreshes its heartbeats
-    (which is also how it notices, across processes, that a scan was cancelled)."""
+    """How often a runner refreshes its heartbeat, recovers a dead runner's pages and checks that the
+    scans it works on are still active (which is how it notices a cancel from another process)."""
     return _env_seconds("OCRSITE_RUNNER_POLL_MS", 1000)
 
 
 def stale_after() -> timedelta:
-    """A processing scan whose heartbeat is older than this is taken over by another runner."""
+    """A runner whose heartbeat is older than this is taken for dead: its running pages go back to pending."""
     return timedelta(seconds=_env_seconds("OCRSITE_CLAIM_STALE_MS", 30_000))
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()[:50]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-
-
-@dataclass
-class _ActiveScan:
-    scan_id: int
-    unfinished: int  # pages not yet finished (claimed demand on the in-flight budget)
-    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
 
 
 def _raise_if_cancelling() -> None:
@@ -81,7 +81,7 @@ def _raise_if_cancelling() -> None:
 
 
 async def _db(function, /, **kwargs):
-    """A DB write from async code, off the event loop; a cancellation during it is re-raised after it."""
+    """A DB call from async code, off the event loop; a cancellation during it is re-raised after it."""
     result = await sync_to_async(function)(**kwargs)
     _raise_if_cancelling()
     return result
@@ -91,6 +91,58 @@ class _ScanFailed(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+@dataclass
+class _ScanWork:
+    """What every page of one scan is read with (built once per scan by the first of its pages)."""
+
+    scan: Scan
+    config: EffectiveConfig
+    ocr: OCRConfig
+    engine: Engine
+    source: PageSource
+    report_failures: bool  # failed pages make the configured model server check its health
+
+
+class _Committer:
+    """Groups the page results that arrive within COMMIT_WINDOW_S into one transaction."""
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._pending: list[tuple[services.PageOutcomeToCommit, asyncio.Future[services.PageCommit]]] = []
+        self._flusher: asyncio.Task | None = None
+
+    def submit(self, scan_id: int, number: int, result: PageResult) -> asyncio.Future[services.PageCommit]:
+        """Queue a result for the next transaction; the future is set once it has committed (it is not
+        cancelled with its waiter: the commit happens anyway)."""
+        future: asyncio.Future[services.PageCommit] = asyncio.get_running_loop().create_future()
+        self._pending.append((services.PageOutcomeToCommit(scan_id, number, result), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="page-commits")
+        return future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(COMMIT_WINDOW_S)
+        while self._pending:
+            batch, self._pending = self._pending[:COMMIT_BATCH], self._pending[COMMIT_BATCH:]
+            try:
+                commits = await sync_to_async(services.commit_page_results)(
+                    worker_id=self.worker_id, outcomes=[outcome for outcome, _ in batch]
+                )
+            except Exception as exc:  # e.g. the database stayed locked: those pages go back to pending
+                logger.exception("Could not commit %d page result(s)", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), commit in zip(batch, commits):
+                if not future.done():
+                    future.set_result(commit)
+
+    async def drain(self) -> None:
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 class Runner:
@@ -109,15 +161,19 @@ class Runner:
         # API keys given for this run only (never stored), by scan id.
         self.secrets = dict(secrets or {})
         self._max_in_flight = max_in_flight
-        self._budget: asyncio.Semaphore | None = None
         self._capacity = 0
-        self._active: dict[int, _ActiveScan] = {}
+        self._only: set[int] | None = None  # run_scans: the scans this runner may claim pages of
+        self._tasks: dict[tuple[int, int], asyncio.Task] = {}  # (scan id, page number) -> its task
+        self._works: dict[int, asyncio.Future[_ScanWork]] = {}
+        self._engines: dict[tuple, Engine] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._committer = _Committer(self.worker_id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._stopping = False
         self._last_failure_report = 0.0
 
-    # --- thread-safe signals ----------------------------------------------------------------
+    # --- thread-safe signals (scans.pipeline.queue_signals) -------------------------------------
 
     def wake(self) -> None:
         loop = self._loop
@@ -127,101 +183,125 @@ class Runner:
     def cancel_scan_locally(self, scan_id: int) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._cancel_active, scan_id)
+            loop.call_soon_threadsafe(self._drop_scan, scan_id)
 
-    def _cancel_active(self, scan_id: int) -> None:
-        active = self._active.get(scan_id)
-        if active is not None:
-            active.cancelled.set()
+    def _drop_scan(self, scan_id: int) -> None:
+        """The scan is no longer active (cancelled, failed, deleted): stop its requests in flight.
+        Each page's task gives its page back unless its answer is already on its way to the database."""
+        for (task_scan, _), task in list(self._tasks.items()):
+            if task_scan == scan_id:
+                task.cancel()
+        self._forget(scan_id)
 
-    # --- lifecycle --------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------------
 
     async def _setup(self) -> None:
         self._loop = asyncio.get_running_loop()
-        queue_signals.register(self)
-        if self._budget is None:
+        if self._capacity == 0:
             if self._max_in_flight is None:
                 self._max_in_flight = (await aocr_config()).max_in_flight
             self._capacity = max(1, self._max_in_flight)
-            self._budget = asyncio.Semaphore(self._capacity)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
+        # Registered before the first claim, so no other runner takes this one's pages for a dead runner's.
+        await _db(services.heartbeat_worker, worker_id=self.worker_id)
+        queue_signals.register(self)
 
-    def _teardown(self) -> None:
-        queue_signals.unregister(self)
-
-    async def run_forever(self) -> None:
-        """Claim and process queued scans until `stop()` (or, with `once`, until the queue is empty)."""
-        await self._setup()
-        try:
-            recovered_at = 0.0
-            while not self._stopping:
-                if time.monotonic() - recovered_at >= poll_interval():  # not on every wake-up
-                    await _db(services.recover_stale_claims, stale_after=stale_after())
-                    recovered_at = time.monotonic()
-                await self._claim_while_capacity()
-                if self.once and not self._active:
-                    return
-                self._wake.clear()
-                await self._wait_for_work()
-        finally:
-            await self._cancel_all()
-            self._teardown()
-
-    async def _wait_for_work(self) -> None:
-        waiters = [asyncio.ensure_future(self._wake.wait())]
-        waiters += [a.task for a in self._active.values() if a.task is not None]
-        await asyncio.wait(waiters, timeout=poll_interval(), return_when=asyncio.FIRST_COMPLETED)
-        waiters[0].cancel()
-
-    async def _claim_while_capacity(self) -> None:
-        # Claim another scan only when the scans at hand cannot keep the budget busy: fair to other
-        # workers (they get the rest of the queue) and keeps this process's pipeline full.
-        while not self._stopping and sum(a.unfinished for a in self._active.values()) < self._capacity:
-            claim = await sync_to_async(services.claim_next_scan)(worker_id=self.worker_id)
-            if claim is None:
-                return
-            self._start(claim)  # registered first, so a cancellation below still releases it
-            _raise_if_cancelling()
-
-    def _start(self, claim: services.Claim) -> _ActiveScan:
-        active = _ActiveScan(claim.scan_id, claim.unfinished)
-        self._active[claim.scan_id] = active
-        active.task = asyncio.create_task(self._run_claimed(active), name=f"scan-{claim.scan_id}")
-        return active
-
-    async def stop(self) -> None:
-        """Stop claiming; cancel in-flight requests; give unfinished scans back to the queue."""
-        self._stopping = True
-        self.wake()
-        await self._cancel_all()
-
-    async def _cancel_all(self) -> None:
-        tasks = [a.task for a in self._active.values() if a.task is not None and not a.task.done()]
+    async def _teardown(self) -> None:
+        """Stop every page task, commit what has arrived, give the rest back, release resources."""
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.shield(self._committer.drain())
+        queue_signals.unregister(self)
+        await asyncio.shield(sync_to_async(services.unregister_worker)(worker_id=self.worker_id))
+        for scan_id in list(self._works):
+            self._forget(scan_id)
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.aclose()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
-    async def run_scan(self, scan_id: int) -> str | None:
-        """Claim one queued scan and process it to the end; returns its final status (None when
-        another runner holds it)."""
+    async def run_forever(self) -> None:
+        """Claim and process pages until `stop()` (or, with `once`, until nothing is left to claim)."""
         await self._setup()
         try:
-            claim = await sync_to_async(services.claim_scan)(scan_id=scan_id, worker_id=self.worker_id)
-            if claim is None:
-                return None
-            active = self._start(claim)
-            assert active.task is not None
-            try:
-                _raise_if_cancelling()
-                await asyncio.shield(active.task)
-            except asyncio.CancelledError:
-                active.task.cancel()
-                await asyncio.gather(active.task, return_exceptions=True)
-                raise
-            return await Scan.objects.filter(pk=scan_id).values_list("status", flat=True).afirst()
+            await self._work_until(lambda claimed: self.once and claimed == 0 and not self._tasks)
         finally:
-            if not self._active:
-                self._teardown()
+            await self._teardown()
+
+    async def run_scans(self, scan_ids: Collection[int]) -> dict[int, str]:
+        """Process these scans to the end (pages another runner holds are waited for); returns each
+        scan's final status (absent: deleted)."""
+        self._only = set(scan_ids)
+        await self._setup()
+        try:
+            await self._work_until(lambda claimed: not self._only and not self._tasks)
+        finally:
+            await self._teardown()
+        return await sync_to_async(selectors.scan_statuses)(scan_ids)
+
+    async def run_scan(self, scan_id: int) -> str | None:
+        return (await self.run_scans([scan_id])).get(scan_id)
+
+    async def stop(self) -> None:
+        """Stop claiming; the loop then cancels in-flight requests and gives their pages back."""
+        self._stopping = True
+        self.wake()
+
+    async def _work_until(self, done: Callable[[int], bool]) -> None:
+        next_poll = 0.0
+        while not self._stopping:
+            if time.monotonic() >= next_poll:
+                await self._poll()
+                next_poll = time.monotonic() + poll_interval()
+            self._wake.clear()  # before claiming: a slot freed meanwhile wakes the wait below at once
+            claimed = await self._claim()
+            if done(claimed):
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def _poll(self) -> None:
+        try:
+            await _db(services.heartbeat_worker, worker_id=self.worker_id)
+            await _db(services.recover_stale_workers, stale_after=stale_after())
+            await _db(services.finish_completed_scans)
+            watched = {scan_id for scan_id, _ in self._tasks} | (self._only or set())
+            if watched:
+                statuses = await _db(selectors.scan_statuses, scan_ids=watched)
+                for scan_id in watched:
+                    if statuses.get(scan_id) not in Scan.ACTIVE:
+                        self._scan_ended(scan_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # e.g. the database was busy for too long: try again next time
+            logger.warning("The runner's periodic checks failed", exc_info=True)
+
+    def _scan_ended(self, scan_id: int) -> None:
+        if self._only is not None:
+            self._only.discard(scan_id)
+        self._drop_scan(scan_id)
+
+    async def _claim(self) -> int:
+        """Fill the free slots with pages; returns how many were claimed (-1: no slot was free)."""
+        free = self._capacity - len(self._tasks)
+        if free <= 0:
+            return -1
+        if self._only is not None and not self._only:
+            return 0
+        claims = await sync_to_async(services.claim_pages)(worker_id=self.worker_id, slots=free, scan_ids=self._only)
+        for claim in claims:
+            page = claim.page
+            self._tasks[(page.scan_id, page.number)] = asyncio.create_task(
+                self._page(page), name=f"page-{page.scan_id}-{page.number}"
+            )
+        return len(claims)
 
     def _report_failure(self, config: EffectiveConfig) -> None:
         """A page failed: let the model server's status check its health now (at most every 10 s)."""
@@ -233,204 +313,117 @@ class Runner:
         _background.add(task)
         task.add_done_callback(_background.discard)
 
-    # --- one scan ---------------------------------------------------------------------------
+    # --- one scan's setup -----------------------------------------------------------------------
 
-    async def _run_claimed(self, active: _ActiveScan) -> None:
-        scan_id = active.scan_id
-        heartbeat = asyncio.create_task(self._heartbeat(active), name=f"heartbeat-{scan_id}")
-        work = asyncio.create_task(self._process(active), name=f"pages-{scan_id}")
-        cancel_wait = asyncio.create_task(active.cancelled.wait())
-        requeue = True
-        try:
-            done, _ = await asyncio.wait({work, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if work in done:
-                requeue = False
-                await self._finish(active, work)
-            else:
-                # Cancelled (or the claim was lost): stop in-flight requests now.
-                requeue = False
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-        except asyncio.CancelledError:
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            raise
-        finally:
-            heartbeat.cancel()
-            cancel_wait.cancel()
-            await asyncio.gather(heartbeat, cancel_wait, return_exceptions=True)
-            self._active.pop(scan_id, None)
-            await asyncio.shield(
-                sync_to_async(services.release_scan)(scan_id=scan_id, worker_id=self.worker_id, requeue=requeue)
-            )
-            await progress.apublish_scan(scan_id)
-            self.wake()
+    async def _work(self, scan_id: int) -> _ScanWork:
+        future = self._works.get(scan_id)
+        if future is None:
+            if len(self._works) >= MAX_CACHED_SCANS:
+                for idle in [s for s in self._works if not any(key[0] == s for key in self._tasks)]:
+                    self._forget(idle)
+            future = self._works[scan_id] = asyncio.ensure_future(self._prepare(scan_id))
+        return await asyncio.shield(future)  # a cancelled page does not cancel its scan's setup
 
-    async def _finish(self, active: _ActiveScan, work: asyncio.Task) -> None:
-        error = ""
-        exc = work.exception()
-        if isinstance(exc, _ScanFailed):
-            error = exc.message
-        elif exc is not None:
-            logger.error("Scan %s failed", active.scan_id, exc_info=exc)
-            error = f"Internal error while processing: {exc}"
-        await sync_to_async(services.finish_scan)(
-            scan_id=active.scan_id, worker_id=self.worker_id, error=error, failed=bool(error)
-        )
+    def _forget(self, scan_id: int) -> None:
+        future = self._works.pop(scan_id, None)
+        if future is None:
+            return
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().source.close()
+        elif not future.done():
+            future.cancel()
 
-    async def _heartbeat(self, active: _ActiveScan) -> None:
-        while True:
-            await asyncio.sleep(poll_interval())
-            try:
-                ours = await _db(services.heartbeat, scan_id=active.scan_id, worker_id=self.worker_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # e.g. the database was busy for too long: try again next time
-                logger.warning("Could not refresh the claim on scan %s", active.scan_id, exc_info=True)
-                continue
-            if not ours:
-                logger.info("Scan %s is no longer ours (cancelled, deleted or reclaimed)", active.scan_id)
-                active.cancelled.set()
-                return
-
-    async def _process(self, active: _ActiveScan) -> None:
-        scan = await Scan.objects.aget(pk=active.scan_id)
+    async def _prepare(self, scan_id: int) -> _ScanWork:
+        scan = await Scan.objects.aget(pk=scan_id)
         options = ScanOptions.from_scan(scan.options or {})
-        api_key = self.secrets.get(scan.pk) or options.api_key
         config = await aresolve_config()
         ocr = options.apply(await aocr_config())
-        concurrency = min(options.concurrency or self._capacity, self._capacity)
         engine_name = options.engine or ("builtin" if config.mode == "builtin" else "vllm")
         if engine_name == "vllm" and not options.base_url:
             try:
                 await runtime.ensure_ready(config)
             except ModelServerUnavailable as exc:
                 raise _ScanFailed(exc.message) from None
-        try:
-            engine = build_engine(
-                config,
-                ocr,
-                engine=options.engine,
-                base_url=options.base_url,
-                model=options.model,
-                api_key=api_key,
-                max_in_flight=concurrency,
-            )
-        except PermanentEngineError as exc:
-            raise _ScanFailed(exc.message) from None
-        try:
-            await _db(services.set_scan_engine, scan_id=scan.pk, engine=engine.name, model=engine.model)
-            numbers = [
-                n
-                async for n in Page.objects.filter(scan_id=scan.pk, status__in=services.UNFINISHED_PAGES)
-                .order_by("number")
-                .values_list("number", flat=True)
-            ]
-            active.unfinished = len(numbers)
-            _raise_if_cancelling()
-            await self._send_pages(active, _ScanWork(scan, config, ocr, engine, report_failures=not options.base_url), numbers, concurrency)
-        finally:
-            await engine.aclose()
-
-    async def _send_pages(self, active: _ActiveScan, work: _ScanWork, numbers: list[int], concurrency: int) -> None:
-        """Send every page, at most `concurrency` at once within the runner's budget. A page that cannot
-        be rendered or read fails alone; an error that concerns every request (PermanentEngineError)
-        stops sending, lets the requests in flight finish (their answers are kept), then fails the scan."""
-        assert self._budget is not None
-        per_scan = asyncio.Semaphore(concurrency)
-        tasks: set[asyncio.Task] = set()
-        failure: list[PermanentEngineError] = []
-
-        def done(task: asyncio.Task) -> None:
-            tasks.discard(task)
-            if not task.cancelled() and isinstance(task.exception(), PermanentEngineError):
-                failure.append(task.exception())  # type: ignore[arg-type]
-
-        pages = render_pages(
-            Path(work.scan.file.path),
-            work.scan.content_type,
-            numbers,
-            longest_side=work.ocr.target_longest_side,
-            image_format=work.ocr.image_format,
-            lookahead=RENDER_LOOKAHEAD,
-        )
-        try:
-            async with contextlib.aclosing(pages):
-                async for image in pages:
-                    await per_scan.acquire()
-                    await _acquire_or_release(self._budget, per_scan)
-                    if failure:
-                        per_scan.release()
-                        self._budget.release()
-                        break
-                    task = asyncio.create_task(self._page(active, work, image, per_scan))
-                    tasks.add(task)
-                    task.add_done_callback(done)
-            while tasks:
-                await asyncio.wait(set(tasks))
-        finally:
-            for task in list(tasks):
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-        for task_failure in failure[:1]:
-            raise _ScanFailed(task_failure.message)
-
-    async def _page(self, active: _ActiveScan, work: _ScanWork, image: PageImage | RenderFailure, per_scan) -> None:
-        assert self._budget is not None
-        scan, number = work.scan, image.number
-        try:
-            page = await _db(
-                services.mark_page_running, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempts=1
-            )
-            if page is None:
-                return  # not ours (any more)
-            await progress.apublish_page(page)
-            if isinstance(image, RenderFailure):
-                result = PageResult(text="", status="failed", error=image.message, latency_ms=None)
-            else:
-                result = await self._read(work, image)
-            commit = await asyncio.shield(
-                sync_to_async(services.commit_page_result)(
-                    scan_id=scan.pk, number=number, worker_id=self.worker_id, result=result
+        api_key = self.secrets.get(scan_id) or options.api_key
+        key = (options.engine, options.base_url, options.model, api_key, config.base_url, config.api_key, ocr.request_timeout_s)
+        engine = self._engines.get(key)
+        if engine is None:
+            try:
+                engine = build_engine(
+                    config, ocr, engine=options.engine, base_url=options.base_url, model=options.model,
+                    api_key=api_key, max_in_flight=self._capacity,
                 )
-            )
-            active.unfinished = max(0, active.unfinished - 1)
+            except PermanentEngineError as exc:
+                raise _ScanFailed(exc.message) from None
+            self._engines[key] = engine
+        await _db(services.set_scan_engine, scan_id=scan_id, engine=engine.name, model=engine.model)
+        assert self._executor is not None
+        source = PageSource(
+            Path(scan.file.path), scan.content_type,
+            longest_side=ocr.target_longest_side, image_format=ocr.image_format, executor=self._executor,
+        )
+        return _ScanWork(scan, config, ocr, engine, source, report_failures=not options.base_url)
+
+    # --- one page ---------------------------------------------------------------------------------
+
+    async def _page(self, page: Page) -> None:
+        scan_id, number = page.scan_id, page.number
+        handed_over = False  # the result is with the committer: never give the page back
+        try:
+            await progress.apublish_page(page)
+            try:
+                work = await self._work(scan_id)
+                image = await work.source.render(number)
+                if isinstance(image, RenderFailure):
+                    result = PageResult(text="", status="failed", error=image.message)
+                else:
+                    result = await self._read(work, image)
+            except (_ScanFailed, PermanentEngineError) as exc:
+                await _db(services.fail_scan, scan_id=scan_id, error=exc.message)
+                return
+            future = self._committer.submit(scan_id, number, result)
+            handed_over = True
+            commit = await asyncio.shield(future)
             if commit.page is not None:
                 await progress.apublish_page(commit.page)
                 if self.on_page is not None:
                     await self.on_page(commit.page)
-            if commit.scan_status != Scan.Status.PROCESSING:
-                active.cancelled.set()
+            if commit.scan_status not in Scan.ACTIVE:
+                self._scan_ended(scan_id)
             if result.status == Page.Status.FAILED and work.engine.name == "vllm" and work.report_failures:
                 self._report_failure(work.config)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must cost this page, not the runner
+            logger.exception("Page %s of scan %s failed unexpectedly", number, scan_id)
+            if not handed_over:
+                failure = PageResult(text="", status="failed", error=f"Internal error: {type(exc).__name__}: {exc}")
+                handed_over = True
+                await asyncio.shield(self._committer.submit(scan_id, number, failure))
         finally:
-            per_scan.release()
-            self._budget.release()
-            self.wake()
+            self._tasks.pop((scan_id, number), None)
+            if not handed_over:
+                await asyncio.shield(
+                    sync_to_async(services.release_pages)(worker_id=self.worker_id, scan_id=scan_id, numbers=[number])
+                )
+            self._wake.set()
 
     async def _read(self, work: _ScanWork, image: PageImage) -> PageResult:
         """One page through the engine with retries; raises only PermanentEngineError and cancellation."""
         scan, number = work.scan, image.number
-        path = Path(scan.file.path)
 
         async def rerender(rotation: int) -> PageImage:
-            return await asyncio.to_thread(
-                render_page_sync,
-                path,
-                scan.content_type,
-                number,
-                longest_side=work.ocr.target_longest_side,
-                image_format=work.ocr.image_format,
-                rotation=rotation,
-            )
+            rendered = await work.source.render(number, rotation)
+            if isinstance(rendered, RenderFailure):
+                raise RuntimeError(rendered.message)
+            return rendered
 
         async def fallback_text() -> str:
-            return await asyncio.to_thread(pdf_page_text, path, number)
+            return await asyncio.to_thread(pdf_page_text, Path(scan.file.path), number)
 
         async def on_attempt(attempt: int) -> None:
             # Called right before each request: the last chance to honour a swallowed cancellation.
-            if attempt > 1:  # the first attempt was recorded with the running mark
+            if attempt > 1:  # the first attempt was recorded with the claim
                 await _db(services.record_attempt, scan_id=scan.pk, number=number, worker_id=self.worker_id, attempt=attempt)
             _raise_if_cancelling()
 
@@ -447,18 +440,7 @@ class Runner:
             raise
         except Exception as exc:  # e.g. a page that cannot be re-rendered: that page fails, not the scan
             logger.exception("Page %s of scan %s failed unexpectedly", number, scan.pk)
-            return PageResult(text="", status="failed", error=f"{type(exc).__name__}: {exc}", latency_ms=None)
-
-
-@dataclass(frozen=True)
-class _ScanWork:
-    """What every page of one scan is read with."""
-
-    scan: Scan
-    config: EffectiveConfig
-    ocr: OCRConfig
-    engine: Engine
-    report_failures: bool  # failed pages make the configured model server check its health
+            return PageResult(text="", status="failed", error=f"{type(exc).__name__}: {exc}")
 
 
 _background: set[asyncio.Task] = set()
@@ -469,14 +451,6 @@ async def _report_failure(config: EffectiveConfig) -> None:
         await runtime.report_request_failure(config)
     except Exception:
         logger.warning("Could not check the model server after a failed page", exc_info=True)
-
-
-async def _acquire_or_release(budget: asyncio.Semaphore, held: asyncio.Semaphore) -> None:
-    try:
-        await budget.acquire()
-    except BaseException:
-        held.release()
-        raise
 
 
 # --- the embedded runner (ASGI lifespan) -------------------------------------------------------

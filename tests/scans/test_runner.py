@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from scans import exports, services
-from scans.models import Page, Scan
+from scans.models import Page, Scan, Worker
 from scans.pipeline import runner as runner_module
 from scans.pipeline.runner import Runner
 from scans.uploads import create_scan_from_path
@@ -66,6 +66,14 @@ def fake(tmp_path, transactional_db):
 def new_scan(owner, tmp_path: Path, pages: int, name: str = "doc.pdf", options: dict | None = None, **pdf) -> Scan:
     path = make_pdf(tmp_path / name, pages, **pdf)
     return create_scan_from_path(owner=owner, path=path, options=options)
+
+
+async def eventually(check, timeout: float = 60.0) -> None:
+    """Wait until the async `check()` is true; the timeout is only a safety net."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
 async def pages_of(scan: Scan) -> list[Page]:
@@ -188,13 +196,13 @@ async def test_failed_pages_finish_the_scan_and_can_be_retried(fake, owner, tmp_
     assert all(f"PAGE {p.number}" in p.text for p in await pages_of(scan))
 
 
-async def test_a_dead_workers_scan_resumes_without_resending_finished_pages(fake, owner, tmp_path):
+async def test_a_dead_workers_pages_resume_without_resending_finished_pages(fake, owner, tmp_path):
     server = fake()
     await sync_to_async(use_external)(server.base_url)
     scan = await sync_to_async(new_scan)(owner, tmp_path, 5)
     # As a worker killed mid-scan leaves it: pages 1-2 committed, page 3 running, an old heartbeat.
-    old = timezone.now() - timedelta(seconds=60)
-    await Scan.objects.filter(pk=scan.pk).aupdate(status=Scan.Status.PROCESSING, worker_id="dead:1:x", heartbeat_at=old)
+    await Worker.objects.acreate(worker_id="dead:1:x", heartbeat_at=timezone.now() - timedelta(seconds=60))
+    await Scan.objects.filter(pk=scan.pk).aupdate(status=Scan.Status.PROCESSING)
     await Page.objects.filter(scan=scan, number__in=[1, 2]).aupdate(status=Page.Status.DONE, text="kept", attempts=1)
     await Page.objects.filter(scan=scan, number=3).aupdate(status=Page.Status.RUNNING, worker_id="dead:1:x")
 
@@ -205,18 +213,23 @@ async def test_a_dead_workers_scan_resumes_without_resending_finished_pages(fake
     assert [p.text for p in pages[:2]] == ["kept", "kept"]
     assert sorted(r["page_marker"] for r in server.requests()) == [3, 4, 5]
     assert (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.DONE
+    assert not await Worker.objects.filter(worker_id="dead:1:x").aexists()
 
 
-async def test_a_live_workers_scan_is_not_taken_over(fake, owner, tmp_path):
+async def test_a_live_workers_pages_are_not_taken_over_but_its_waiting_pages_are_shared(fake, owner, tmp_path):
     server = fake()
     await sync_to_async(use_external)(server.base_url)
-    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
-    await Scan.objects.filter(pk=scan.pk).aupdate(
-        status=Scan.Status.PROCESSING, worker_id="alive:1:x", heartbeat_at=timezone.now()
-    )
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 3)
+    await Worker.objects.acreate(worker_id="alive:1:x", heartbeat_at=timezone.now())
+    await Scan.objects.filter(pk=scan.pk).aupdate(status=Scan.Status.PROCESSING)
+    await Page.objects.filter(scan=scan, number=1).aupdate(status=Page.Status.RUNNING, worker_id="alive:1:x")
+
     await Runner(max_in_flight=2, once=True).run_forever()
-    assert (await Scan.objects.aget(pk=scan.pk)).worker_id == "alive:1:x"
-    assert server.requests() == []
+
+    first = await Page.objects.aget(scan=scan, number=1)
+    assert (first.status, first.worker_id) == (Page.Status.RUNNING, "alive:1:x")
+    assert sorted(r["page_marker"] for r in server.requests()) == [2, 3]
+    assert (await Scan.objects.aget(pk=scan.pk)).status == Scan.Status.PROCESSING  # page 1 is still out
 
 
 async def test_two_runners_share_the_queue_without_sending_a_page_twice(fake, owner, tmp_path):
@@ -228,9 +241,33 @@ async def test_two_runners_share_the_queue_without_sending_a_page_twice(fake, ow
     await asyncio.gather(first.run_forever(), second.run_forever())
 
     assert await Page.objects.filter(status=Page.Status.DONE).acount() == 15
-    assert len(server.requests()) == 15
-    workers = {s.worker_id async for s in Scan.objects.filter(pk__in=[s.pk for s in scans])}
+    assert sorted(r["page_marker"] for r in server.requests()) == sorted([1, 2, 3] * 5)
+    workers = {p.worker_id async for p in Page.objects.filter(scan__in=[s.pk for s in scans])}
     assert workers <= {first.worker_id, second.worker_id}
+    assert {s.status async for s in Scan.objects.filter(pk__in=[s.pk for s in scans])} == {Scan.Status.DONE}
+
+
+async def test_a_small_scan_of_another_user_starts_before_a_big_one_goes_on(fake, owner, tmp_path):
+    """Pages, not scans, share the budget: the next free slot goes to the newcomer."""
+    server = fake(FAKE_VLLM_LATENCY=0.2)
+    await sync_to_async(use_external)(server.base_url)
+    big = await sync_to_async(new_scan)(owner, tmp_path, 30, name="big.pdf")
+    other = await get_user_model().objects.acreate_user("bob", password="x")
+    runner = Runner(max_in_flight=2)
+    task = asyncio.create_task(runner.run_forever())
+    try:
+        await eventually(lambda: Page.objects.filter(scan=big, status=Page.Status.DONE).aexists())
+        small = await sync_to_async(new_scan)(other, tmp_path, 1, name="small.pdf")
+        done_before = await Page.objects.filter(scan=big, status=Page.Status.DONE).acount()
+        await eventually(lambda: Page.objects.filter(scan=small, status=Page.Status.DONE).aexists())
+        small_page = await Page.objects.aget(scan=small)
+        # At most the two pages in flight when it arrived (and the one claimed with it) went before it.
+        started_after = await Page.objects.filter(scan=big, started_at__lt=small_page.started_at).acount()
+        assert started_after <= done_before + 3, (done_before, started_after)
+        assert await Page.objects.filter(scan=big, status=Page.Status.PENDING).acount() > 10
+    finally:
+        await runner.stop()
+        await task
 
 
 async def test_the_embedded_runner_is_woken_by_a_new_scan(fake, owner, tmp_path, monkeypatch):
@@ -264,5 +301,5 @@ async def test_stopping_a_runner_puts_its_scan_back_in_the_queue(fake, owner, tm
     await asyncio.wait_for(loop_task, timeout=10)
 
     scan = await Scan.objects.aget(pk=scan.pk)
-    assert scan.status == Scan.Status.QUEUED and scan.worker_id == ""
+    assert scan.status == Scan.Status.QUEUED
     assert await Page.objects.filter(scan=scan, status=Page.Status.PENDING).acount() == 2

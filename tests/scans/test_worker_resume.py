@@ -91,6 +91,7 @@ def test_sigterm_stops_a_worker_cleanly_and_requeues_its_scan(tmp_path, data_dir
             kill_group(worker.pid)
             worker.wait(timeout=10)
     assert set(page_statuses(data_dir, scan_id).values()) == {"pending"}
-    assert query(data_dir, "SELECT status, worker_id FROM scans_scan WHERE id = ?", (scan_id,)) == [("queued", "")]
+    assert query(data_dir, "SELECT status FROM scans_scan WHERE id = ?", (scan_id,)) == [("queued",)]
+    assert query(data_dir, "SELECT count(*) FROM scans_worker") == [(0,)]  # it signed off
     log = (tmp_path / "worker.log").read_text()
     assert "Traceback" not in log and "stopped" in log

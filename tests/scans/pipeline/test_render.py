@@ -1,4 +1,4 @@
-"""Rendering: sizes, orientation, formats, bounded look-ahead and PDFium's one-call-at-a-time rule."""
+"""Rendering: sizes, orientation, formats, pages on demand (PageSource) and PDFium's one-call-at-a-time rule."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 
 from scans.pipeline import render
+from scans.pipeline.page_source import PageSource
 from scans.pipeline.render import (
     has_text_layer,
     page_count,
     pdf_page_text,
     render_page_sync,
-    render_pages,
 )
+from scans.pipeline.types import RenderFailure
 from tests.fakes.pages import make_image, make_pdf, make_tiff, read_marker
 
 PDF = "application/pdf"
@@ -140,38 +141,31 @@ def test_text_layer(tmp_path: Path) -> None:
     assert page_count(with_text, PDF) == 3
 
 
-async def test_render_pages_in_order(tmp_path: Path) -> None:
-    path = make_pdf(tmp_path / "d.pdf", 6)
-    pages = [p async for p in render_pages(path, PDF, [4, 1, 6, 2], longest_side=600, image_format="png")]
+@pytest.fixture
+def executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(render.RENDER_THREADS) as pool:
+        yield pool
+
+
+async def test_a_page_source_renders_the_pages_asked_for(tmp_path: Path, executor) -> None:
+    source = PageSource(make_pdf(tmp_path / "d.pdf", 6), PDF, longest_side=600, image_format="png", executor=executor)
+    pages = await asyncio.gather(*(source.render(n) for n in (4, 1, 6, 2)))
+    source.close()
     assert [p.number for p in pages] == [4, 1, 6, 2]
     assert [read_marker(decode(p)) for p in pages] == [4, 1, 6, 2]
 
 
-@pytest.mark.parametrize("lookahead", [1, 3])
-async def test_render_pages_lookahead_is_bounded(tmp_path: Path, monkeypatch, lookahead: int) -> None:
-    path = make_pdf(tmp_path / "d.pdf", 20, dpi=30)
-    rendered: list[int] = []
-    original = render._render
-
-    def counting(*args):
-        page = original(*args)
-        rendered.append(page.number)
-        return page
-
-    monkeypatch.setattr(render, "_render", counting)
-    consumed = 0
-    pages = render_pages(path, PDF, range(1, 21), longest_side=300, image_format="png", lookahead=lookahead)
-    async for page in pages:
-        consumed += 1
-        assert page.number == consumed
-        await asyncio.sleep(0.05)  # a slow consumer: rendering must wait for it
-        assert len(rendered) - consumed <= lookahead
-        if consumed == 5:
-            break
-    await pages.aclose()
-    await asyncio.sleep(0.2)
-    assert consumed == 5
-    assert 5 <= len(rendered) <= 5 + lookahead
+async def test_a_page_that_cannot_be_rendered_is_a_failure_of_its_own(tmp_path: Path, executor) -> None:
+    source = PageSource(make_pdf(tmp_path / "d.pdf", 2), PDF, longest_side=300, image_format="png", executor=executor)
+    missing, present = await asyncio.gather(source.render(3), source.render(2))
+    assert isinstance(missing, RenderFailure) and missing.number == 3 and "could not be rendered" in missing.message
+    assert read_marker(decode(present)) == 2
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 not really")
+    failure = await PageSource(broken, PDF, longest_side=300, image_format="png", executor=executor).render(1)
+    assert isinstance(failure, RenderFailure) and "could not be opened" in failure.message
 
 
 def test_pdfium_is_never_called_concurrently(tmp_path: Path, monkeypatch) -> None:
@@ -223,13 +217,12 @@ def test_pdfium_is_never_called_concurrently(tmp_path: Path, monkeypatch) -> Non
     assert state["max"] == 1
 
 
-async def test_async_rendering_shares_the_lock_with_other_callers(tmp_path: Path) -> None:
-    """While render_pages runs in its thread, holding the lock elsewhere stalls it (it is the same lock)."""
-    path = make_pdf(tmp_path / "d.pdf", 3)
+async def test_async_rendering_shares_the_lock_with_other_callers(tmp_path: Path, executor) -> None:
+    """While a page renders in its thread, holding the lock elsewhere stalls it (it is the same lock)."""
+    source = PageSource(make_pdf(tmp_path / "d.pdf", 3), PDF, longest_side=300, image_format="png", executor=executor)
     with render.pdfium_lock():
-        pages = render_pages(path, PDF, [1, 2, 3], longest_side=300, image_format="png")
-        first = asyncio.ensure_future(pages.__anext__())
+        first = asyncio.ensure_future(source.render(1))
         await asyncio.sleep(0.3)
         assert not first.done()
     assert (await first).number == 1
-    await pages.aclose()
+    source.close()

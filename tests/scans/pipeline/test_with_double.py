@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import json
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.page_ocr import ocr_page_with_retries
-from scans.pipeline.render import pdf_page_text, render_page_sync, render_pages
+from scans.pipeline.page_source import PageSource
+from scans.pipeline.render import pdf_page_text, render_page_sync
 from scans.pipeline.vllm_engine import VLLMEngine
 from tests.fakes.pages import make_pdf
 from tests.scans.pipeline.helpers import MODEL, FakeServer, fake_vllm, marked_page, ocr_options, start_fake_vllm, stop_fake_vllm
@@ -67,10 +69,11 @@ async def test_each_page_text_comes_from_that_page(server: FakeServer, tmp_path:
     engine = engine_for(server)
     options = ocr_options()
     try:
-        tasks = []
-        async for page in render_pages(path, "application/pdf", range(1, 13), longest_side=1288, image_format="png"):
-            tasks.append(asyncio.create_task(engine.ocr_page(page, options)))
-        results = await asyncio.gather(*tasks)
+        with ThreadPoolExecutor(2) as executor:
+            source = PageSource(path, "application/pdf", longest_side=1288, image_format="png", executor=executor)
+            pages = await asyncio.gather(*(source.render(n) for n in range(1, 13)))
+            source.close()
+        results = await asyncio.gather(*(engine.ocr_page(page, options) for page in pages))
     finally:
         await engine.aclose()
     for number, result in enumerate(results, start=1):
