@@ -128,6 +128,8 @@ MEDIA_URL = "/media/"  # never served directly: files are streamed by views that
 OCRSITE_MAX_UPLOAD_MB = env_int("OCRSITE_MAX_UPLOAD_MB", 200, minimum=1)
 OCRSITE_MAX_PAGES = env_int("OCRSITE_MAX_PAGES", 2000, minimum=1)
 OCRSITE_EMBEDDED_RUNNER = env_bool("OCRSITE_EMBEDDED_RUNNER", True)
+# Bearer token for /metrics (and `ocr_worker --metrics-port`); unset: loopback clients only, no proxy.
+OCRSITE_METRICS_TOKEN = env_str("OCRSITE_METRICS_TOKEN")
 # Uploads bigger than memory allows stream to a temporary file in the data directory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024

@@ -42,6 +42,17 @@ def get_supervisor() -> Supervisor | None:
     return _supervisor
 
 
+def known_statuses() -> list[ServerStatus]:
+    """The statuses this process knows without asking anyone: its Local supervisor's, and the last
+    check of the External server (for metrics; thread-safe reads)."""
+    statuses = []
+    if _supervisor is not None:
+        statuses.append(_supervisor.status())
+    if _external_status is not None:
+        statuses.append(_external_status[1])
+    return statuses
+
+
 # --- the loop that hosts the supervisor --------------------------------------------------------------------
 
 

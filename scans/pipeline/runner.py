@@ -29,7 +29,7 @@ from pathlib import Path
 from asgiref.sync import sync_to_async
 
 from ocrsite.env import env_int
-from scans import progress, selectors, services
+from scans import metrics, progress, selectors, services
 from scans.models import Page, Scan
 from scans.pipeline import queue_signals
 from scans.pipeline.engines import build_engine
@@ -368,6 +368,7 @@ class Runner:
 
     async def _page(self, page: Page) -> None:
         scan_id, number = page.scan_id, page.number
+        claimed_at = time.monotonic()
         handed_over = False  # the result is with the committer: never give the page back
         try:
             await progress.apublish_page(page)
@@ -385,6 +386,10 @@ class Runner:
             handed_over = True
             commit = await asyncio.shield(future)
             if commit.page is not None:
+                metrics.page_finished(
+                    engine=work.engine.name, status=result.status, seconds=time.monotonic() - claimed_at,
+                    input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+                )
                 await progress.apublish_page(commit.page)
                 if self.on_page is not None:
                     await self.on_page(commit.page)

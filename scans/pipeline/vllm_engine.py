@@ -21,6 +21,7 @@ from scans.pipeline.prompts import build_prompt, clean_markdown, parse_olmocr
 from scans.pipeline.types import PageImage, PageResult
 from scans.pipeline.options import OCRConfig
 from vllm_control.config import normalize_base_url
+from vllm_control.metrics import IN_FLIGHT, endpoint_label
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_DETAIL_CHARS = 300
@@ -73,6 +74,7 @@ class VLLMEngine:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive: a request without a deadline can hang a page forever.")
         self.base_url = normalize_base_url(base_url)
+        self.endpoint = endpoint_label(self.base_url)
         self.model = model
         self.timeout_s = float(timeout_s)
         self.max_in_flight = max(1, max_in_flight)
@@ -118,7 +120,8 @@ class VLLMEngine:
             raise PermanentEngineError(str(error)) from None
         async with self._slots:
             started = time.monotonic()
-            response = await self._post(payload)
+            with IN_FLIGHT.labels(endpoint=self.endpoint).track_inprogress():
+                response = await self._post(payload)
             latency_ms = int((time.monotonic() - started) * 1000)
         if response.status_code != 200:
             await self._raise_for_status(response)

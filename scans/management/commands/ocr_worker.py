@@ -15,6 +15,7 @@ import signal
 from django.core.management.base import BaseCommand, CommandParser
 
 from ocrsite.database import ensure_migrated
+from ocrsite.metrics import serve_metrics
 from scans.management.commands.ocr import positive_int
 from scans.pipeline.runner import Runner
 
@@ -27,10 +28,15 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--concurrency", type=positive_int, help="requests in flight at once (default: the settings)")
         parser.add_argument("--once", action="store_true", help="exit when no queued scan is left")
+        parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
+        parser.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port (default: loopback)")
 
     def handle(self, *args, **opts) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
         ensure_migrated(self.stderr)
+        if opts["metrics_port"] is not None:
+            server = serve_metrics(opts["metrics_host"], opts["metrics_port"])
+            self.stdout.write(f"Metrics on http://{opts['metrics_host']}:{server.server_address[1]}/metrics", ending="\n")
         runner = Runner(max_in_flight=opts["concurrency"], once=opts["once"])
         asyncio.run(self._run(runner))
 
