@@ -206,5 +206,10 @@ class MultipartErrorsMiddleware:
             message = "The server's disk is full; nothing was uploaded. Try again later."
         else:
             return None
+        # The file being written when parsing stopped is held open by its upload handler: closing
+        # it deletes its temporary file (Django itself does this only when a handler stops the upload).
+        for handler in request.upload_handlers:
+            if getattr(handler, "file", None) is not None:
+                handler.file.close()
         messages.error(request, message)
         return HttpResponseRedirect(request.get_full_path(), status=303)

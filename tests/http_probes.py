@@ -1,7 +1,7 @@
 """Raw HTTP/1.1 probes against a real server process on 127.0.0.1, for tests and bench/server_bench.py.
 
-Oversize and trickling bodies, slow request heads, a multipart upload streamed from disk, and the
-server's memory and temporary files read from /proc.
+Oversize and trickling bodies, slow request heads, a multipart upload streamed from disk, the
+server's memory and temporary files read from /proc, and a `manage.py serve` process to probe.
 """
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ import html
 import http.client
 import os
 import re
+import resource
+import signal
 import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
+
+from tests.support import REPO, free_port, kill_group, manage, port_open, project_env, wait_until
 
 MB = 1024 * 1024
 
@@ -132,7 +141,13 @@ class TempSampler:
 @dataclass
 class Session:
     port: int
+    host: str = "127.0.0.1"
+    ssl_context: ssl.SSLContext | None = None  # HTTPS when given
     cookies: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def origin(self) -> str:
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def cookie_header(self) -> str:
@@ -142,15 +157,18 @@ class Session:
     def csrf_token(self) -> str:
         return self.cookies["csrftoken"]
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self.ssl_context:
+            connection = http.client.HTTPSConnection(self.host, self.port, timeout=60, context=self.ssl_context)
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=60)
         try:
             all_headers = {"Cookie": self.cookie_header, **(headers or {})}
             connection.request(method, path, body=body, headers=all_headers)
             response = connection.getresponse()
             data = response.read()
             self.take_cookies(response.headers.get_all("Set-Cookie") or [])
-            return response.status, dict(response.headers), data
+            return response.status, response.headers, data
         finally:
             connection.close()
 
@@ -160,15 +178,15 @@ class Session:
                 self.cookies[name] = morsel.value
 
 
-def login(port: int, username: str, password: str) -> Session:
-    session = Session(port)
+def login(port: int, username: str, password: str, **session_options) -> Session:
+    session = Session(port, **session_options)
     status, _, page = session.request("GET", "/login/")
     assert status == 200, status
     token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1).decode()
     form = f"username={username}&password={password}&csrfmiddlewaretoken={token}".encode()
     status, headers, _ = session.request(
         "POST", "/login/", form,
-        {"Content-Type": "application/x-www-form-urlencoded", "Referer": f"http://127.0.0.1:{port}/login/"},
+        {"Content-Type": "application/x-www-form-urlencoded", "Referer": f"{session.origin}/login/"},
     )
     assert status == 302 and "sessionid" in session.cookies, (status, headers)
     return session
@@ -273,13 +291,11 @@ def file_chunks(path: Path, chunk: int = MB) -> Iterator[bytes]:
             yield data
 
 
-def multipart_upload(
-    session: Session, files: list[tuple[str, Iterable[bytes], int]], *, path: str = "/scans/upload/", chunked: bool = False
-) -> Reply:
-    """POSTs the upload form with `files` as (name, chunks, size), streamed, as a browser would."""
+def multipart_form(csrf_token: str, files: list[tuple[str, Iterable[bytes], int]]) -> tuple[str, int, Iterator[bytes]]:
+    """The upload form with `files` as (name, chunks, size): its content type, length and body."""
     boundary = uuid.uuid4().hex
     preamble = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="csrfmiddlewaretoken"\r\n\r\n{session.csrf_token}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="csrfmiddlewaretoken"\r\n\r\n{csrf_token}\r\n'
     ).encode()
     parts = [
         (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
@@ -296,13 +312,20 @@ def multipart_upload(
             yield from chunks
         yield closing
 
-    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {total}"
+    return f"multipart/form-data; boundary={boundary}", total, body()
+
+
+def multipart_upload(
+    session: Session, files: list[tuple[str, Iterable[bytes], int]], *, path: str = "/scans/upload/", chunked: bool = False
+) -> Reply:
+    """POSTs the upload form with `files` as (name, chunks, size), streamed, as a browser would."""
+    content_type, length, body = multipart_form(session.csrf_token, files)
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {length}"
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{session.port}\r\nCookie: {session.cookie_header}\r\n"
-        f"Referer: http://127.0.0.1:{session.port}{path}\r\nAccept: text/html\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n{framing}"
+        f"Referer: {session.origin}{path}\r\nAccept: text/html\r\nContent-Type: {content_type}\r\n{framing}"
     )
-    reply = send_request(session.port, head, body(), chunked=chunked)
+    reply = send_request(session.port, head, body, chunked=chunked)
     session.take_cookies(re.findall(r"(?im)^set-cookie:\s*(.*?)\s*$", reply.head))
     return reply
 
@@ -414,3 +437,60 @@ def slow_clients(
         head = b"GET /login/ HTTP/1.1\r\n" + host + b"X-Padding: "
         data = b"a" * trickle
     return asyncio.run(_slow_clients(port, clients, head, data, interval, observe))
+
+
+# --- a real `manage.py serve` process -------------------------------------------------------------
+
+USERNAME, PASSWORD = "prober", "prober-password-1"
+
+
+@dataclass
+class Site:
+    data: Path
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen
+
+    def files(self, folder: str) -> list[str]:
+        """Names of the files under the data directory's `folder` (e.g. tmp, media)."""
+        root = self.data / folder
+        return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+    def scan_count(self) -> int:
+        """Scan rows in the site's SQLite database (read directly: a `manage.py` process takes 1-2 s)."""
+        with closing(sqlite3.connect(self.data / "ocrsite.sqlite3")) as db:
+            return db.execute("SELECT COUNT(*) FROM scans_scan").fetchone()[0]
+
+    def login(self) -> Session:
+        return login(self.port, USERNAME, PASSWORD)
+
+
+@contextmanager
+def running_site(data: Path, extra_env: dict[str, str], *, before_start: Callable[[Path], None] | None = None) -> Iterator[Site]:
+    """`manage.py serve` on a free port with a migrated database, a superuser (USERNAME) and no
+    embedded runner, with 1024 file descriptors; SIGTERM, then SIGKILL to its group, at the end."""
+    env = project_env(data, {"DJANGO_SUPERUSER_PASSWORD": PASSWORD, "DEBUG": "1", "OCRSITE_EMBEDDED_RUNNER": "false", **extra_env})
+    for args in (["migrate", "-v0"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "p@example.com"]):
+        done = manage(args, env)
+        assert done.returncode == 0, done.stderr
+    if before_start:
+        before_start(data)
+    port = free_port()
+    with (data / "server.log").open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), "serve", "--port", str(port)],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
+        )
+    try:
+        wait_until(lambda: port_open(port) or process.poll() is not None, 60, message="the server to listen")
+        assert process.poll() is None, (data / "server.log").read_text()[-3000:]
+        yield Site(data, port, env, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_group(process.pid)
+        process.wait(timeout=10)

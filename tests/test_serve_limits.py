@@ -8,110 +8,57 @@ peak RSS, reset before each probe); trickling clients are driven until the serve
 from __future__ import annotations
 
 import json
-import resource
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.fakes.pages import make_pdf
 from tests.http_probes import (
     MB,
+    Site,
     file_chunks,
-    login,
     multipart_upload,
     page_messages,
     peak_rss,
     reset_peak_rss,
     rss,
+    running_site,
     send_request,
     write_padded_pdf,
     zeros,
 )
-from tests.fakes.pages import make_pdf
-from tests.support import REPO, free_port, kill_group, manage, port_open, project_env, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-USERNAME, PASSWORD = "limits", "limits-password-1"
 TIMEOUT_MS = 2000
 RSS_MARGIN = 100 * MB  # the issue's bound: the server's RSS stays within 100 MB of idle
-
-
-class Site:
-    def __init__(self, data: Path, port: int, process: subprocess.Popen) -> None:
-        self.data, self.port, self.process = data, port, process
-
-    def listdir(self, name: str) -> list[str]:
-        folder = self.data / name
-        return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
-
-    def scan_count(self) -> int:
-        env = project_env(self.data)
-        done = manage(["shell", "-c", "from scans.models import Scan; print(Scan.objects.count())"], env)
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
-
-
-def start_site(data: Path, extra_env: dict[str, str]) -> Site:
-    env = project_env(data, {"DJANGO_SUPERUSER_PASSWORD": PASSWORD, "DEBUG": "1", "OCRSITE_EMBEDDED_RUNNER": "false", **extra_env})
-    for args in (["migrate", "-v0"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "l@example.com"]):
-        done = manage(args, env)
-        assert done.returncode == 0, done.stderr
-    port = free_port()
-    log = (data / "server.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, str(REPO / "manage.py"), "serve", "--port", str(port)],
-        env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
-    )
-    wait_until(lambda: port_open(port) or process.poll() is not None, 60, message="the server to listen")
-    assert process.poll() is None, (data / "server.log").read_text()[-3000:]
-    return Site(data, port, process)
-
-
-def stop_site(site: Site) -> None:
-    site.process.send_signal(signal.SIGTERM)
-    try:
-        site.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    kill_group(site.process.pid)
-    site.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     data = tmp_path_factory.mktemp("limits-site")
-    site = start_site(data, {
-        "OCRSITE_MAX_UPLOAD_MB": "5",
-        "OCRSITE_HEADER_TIMEOUT_MS": str(TIMEOUT_MS),
-        "OCRSITE_BODY_TIMEOUT_MS": str(TIMEOUT_MS),
-    })
-    try:
+    limits = {"OCRSITE_MAX_UPLOAD_MB": "5", "OCRSITE_HEADER_TIMEOUT_MS": str(TIMEOUT_MS), "OCRSITE_BODY_TIMEOUT_MS": str(TIMEOUT_MS)}
+    with running_site(data, limits) as site:
         yield site
-    finally:
-        stop_site(site)
-        shutil.rmtree(data, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def session(site):
-    return login(site.port, USERNAME, PASSWORD)
+    return site.login()
 
 
 def refused_within_rss_margin(site: Site, send) -> object:
     """Runs `send` and returns its reply, asserting the server's peak RSS stayed within the margin."""
+    media, scans = site.files("media"), site.scan_count()
     idle = rss([site.process.pid])
     reset_peak_rss([site.process.pid])
     reply = send()
     peak = peak_rss([site.process.pid])
     assert peak - idle < RSS_MARGIN, f"peak RSS {peak / MB:.0f} MB, idle {idle / MB:.0f} MB"
-    assert site.listdir("tmp") == [] and site.listdir("media") == []
+    assert site.files("tmp") == [] and site.files("media") == media and site.scan_count() == scans
     return reply
 
 
@@ -128,7 +75,6 @@ def test_a_300_mb_upload_is_refused_before_it_is_read(site, session, chunked) ->
     assert expected in reply.body.decode()  # an HTML page for a browser (Accept: text/html)
     # The server stopped reading: what was sent is what the kernel's socket buffers took, not 300 MB.
     assert reply.sent < 50 * MB
-    assert site.scan_count() == 0
 
 
 def test_an_anonymous_300_mb_post_to_login_is_refused_before_it_is_read(site) -> None:
@@ -150,7 +96,7 @@ def test_an_upload_at_the_limit_is_stored_and_watched_over_a_websocket(site, ses
     assert reply.status == 302, reply.body[:2000]
     scan_path = reply.header("location")
     scan_id = int(scan_path.rstrip("/").rsplit("/", 1)[1])
-    assert site.listdir("tmp") == [] and len(site.listdir("media")) == 1
+    assert site.files("tmp") == [] and len(site.files("media")) == 1
     with connect(
         f"ws://127.0.0.1:{site.port}/ws/scans/{scan_id}/", open_timeout=30,
         additional_headers={"Cookie": session.cookie_header, "Origin": f"http://127.0.0.1:{site.port}"},
@@ -211,10 +157,11 @@ def test_a_client_trickling_its_body_is_answered_408_and_disconnected(site) -> N
 
 
 def test_too_many_files_at_once_are_refused_with_a_message_on_the_upload_page(site, session) -> None:
+    before = site.scan_count()
     files = [(f"f{n}.png", [b"x"], 1) for n in range(101)]
     reply = multipart_upload(session, files)
     assert reply.status == 303 and reply.header("location") == "/scans/upload/"
     status, _, page = session.request("GET", "/scans/upload/")
     assert status == 200
-    assert page_messages(page) == ["Too many files at once: one upload takes at most 100. Nothing was uploaded; choose fewer files."]
-    assert site.listdir("tmp") == [] and site.scan_count() == 0
+    assert "Too many files at once: one upload takes at most 100. Nothing was uploaded; choose fewer files." in page_messages(page)
+    assert site.files("tmp") == [] and site.scan_count() == before
