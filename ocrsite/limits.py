@@ -25,6 +25,7 @@ import errno
 import html
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import markcoroutinefunction, sync_to_async
@@ -56,11 +57,10 @@ def _megabytes(size: int) -> str:
     return f"{size / MB:.1f} MB"
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+@dataclass(frozen=True)
+class _Refusal:
+    status: int
+    message: str
 
 
 class _Body:
@@ -82,11 +82,10 @@ class _Body:
         try:
             message = await asyncio.wait_for(self._receive(), max(0.0, self._deadline - time.monotonic()))
         except TimeoutError:
-            seconds = self._timeout_s
             self.refusal = _Refusal(
                 408,
                 f"The request body arrived too slowly (less than {BODY_PROGRESS_BYTES // 1024} KiB in "
-                f"{seconds:g} s); the connection was closed.",
+                f"{self._timeout_s:g} s); the connection was closed.",
             )
             return {"type": "http.disconnect"}
         if message["type"] != "http.request":

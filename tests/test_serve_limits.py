@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.fakes.pages import make_pdf
+from tests.support import manage, project_env
 from tests.http_probes import (
     MB,
     Site,
@@ -165,3 +166,13 @@ def test_too_many_files_at_once_are_refused_with_a_message_on_the_upload_page(si
     assert status == 200
     assert "Too many files at once: one upload takes at most 100. Nothing was uploaded; choose fewer files." in page_messages(page)
     assert site.files("tmp") == [] and site.scan_count() == before
+
+
+def test_serve_on_a_port_in_use_says_so_before_starting_anything(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = manage(["serve", "--port", str(port)], project_env(tmp_path), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"CommandError: Cannot serve on 127.0.0.1:{port}: Address already in use."

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import tempfile
 
 from django.conf import settings
@@ -84,6 +85,7 @@ class Command(BaseCommand):
 
         from ocrsite.asgi import application
 
+        _check_free(host, port)  # before the lifespan starts a model server for nothing
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -111,6 +113,19 @@ class Command(BaseCommand):
             await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()
             server.stop()
-            await serving
+            try:
+                await serving
+            except RuntimeError as exc:  # Granian's bind errors
+                raise CommandError(f"Cannot serve on {host}:{port}: {exc}") from None
         finally:
             await driver.shutdown()
+
+
+def _check_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"Cannot serve on {host}:{port}: {exc.strerror}.") from None
