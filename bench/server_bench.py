@@ -14,7 +14,7 @@ Run B (the default 200 MB limit): a valid 200 MB PDF uploaded: answer, time, pea
 
     .venv/bin/python bench/server_bench.py [--only granian,uvicorn]
 
-Takes about 3 minutes on 2 cores; prints one table. RSS is exact (VmHWM, reset before each probe).
+Takes about 4 minutes on 2 cores; prints one table. RSS is exact (VmHWM, reset before each probe).
 """
 
 from __future__ import annotations
