@@ -7,17 +7,20 @@ server's memory and temporary files read from /proc, and a `manage.py serve` pro
 from __future__ import annotations
 
 import asyncio
+import atexit
 import html
 import http.client
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -432,11 +435,9 @@ def slow_clients(
     host = f"Host: 127.0.0.1:{port}\r\n".encode()
     if body:
         head = b"POST /login/ HTTP/1.1\r\n" + host + b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000000\r\n\r\n"
-        data = b"a" * trickle
     else:
         head = b"GET /login/ HTTP/1.1\r\n" + host + b"X-Padding: "
-        data = b"a" * trickle
-    return asyncio.run(_slow_clients(port, clients, head, data, interval, observe))
+    return asyncio.run(_slow_clients(port, clients, head, b"a" * trickle, interval, observe))
 
 
 # --- a real `manage.py serve` process -------------------------------------------------------------
@@ -465,14 +466,35 @@ class Site:
         return login(self.port, USERNAME, PASSWORD)
 
 
+_template: Path | None = None
+
+
+def _migrated_template() -> Path:
+    """A data directory with a migrated database, the superuser and Built-in mode, made once per
+    test process."""
+    global _template
+    if _template is None:
+        folder = Path(tempfile.mkdtemp(prefix="ocrsite-site-template-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        env = project_env(folder, {"DJANGO_SUPERUSER_PASSWORD": PASSWORD})
+        builtin = "from vllm_control.models import VLMSettings as V; r = V.load(); r.mode = 'builtin'; r.save()"
+        for args in (
+            ["migrate", "-v0"],
+            ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "p@example.com"],
+            ["shell", "-c", builtin],  # no model server to start with the site (VLLM_BIN is the double)
+        ):
+            done = manage(args, env)
+            assert done.returncode == 0, done.stderr
+        _template = folder
+    return _template
+
+
 @contextmanager
 def running_site(data: Path, extra_env: dict[str, str], *, before_start: Callable[[Path], None] | None = None) -> Iterator[Site]:
     """`manage.py serve` on a free port with a migrated database, a superuser (USERNAME) and no
     embedded runner, with 1024 file descriptors; SIGTERM, then SIGKILL to its group, at the end."""
-    env = project_env(data, {"DJANGO_SUPERUSER_PASSWORD": PASSWORD, "DEBUG": "1", "OCRSITE_EMBEDDED_RUNNER": "false", **extra_env})
-    for args in (["migrate", "-v0"], ["createsuperuser", "--noinput", "--username", USERNAME, "--email", "p@example.com"]):
-        done = manage(args, env)
-        assert done.returncode == 0, done.stderr
+    env = project_env(data, {"DEBUG": "1", "OCRSITE_EMBEDDED_RUNNER": "false", **extra_env})
+    shutil.copytree(_migrated_template(), data, dirs_exist_ok=True)
     if before_start:
         before_start(data)
     port = free_port()
