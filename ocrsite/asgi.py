@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP (with static files), WebSockets and the lifespan."""
+"""ASGI entry point: HTTP (with static files), WebSockets and the lifespan, behind the request limits."""
 
 import os
 
@@ -12,13 +12,16 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
-from ocrsite.routing import websocket_urlpatterns  # noqa: E402
 from ocrsite.lifespan import LifespanApp  # noqa: E402
+from ocrsite.limits import RequestLimits  # noqa: E402
+from ocrsite.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": ASGIStaticFilesHandler(django_asgi_app),
-        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-        "lifespan": LifespanApp(),
-    }
+application = RequestLimits(
+    ProtocolTypeRouter(
+        {
+            "http": ASGIStaticFilesHandler(django_asgi_app),
+            "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            "lifespan": LifespanApp(),
+        }
+    )
 )

@@ -42,6 +42,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    "ocrsite.limits.MultipartErrorsMiddleware",  # reads upload forms before the CSRF check does
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -125,14 +126,26 @@ STATIC_ROOT = DATA_DIR / "static"
 MEDIA_ROOT = DATA_DIR / "media"
 MEDIA_URL = "/media/"  # never served directly: files are streamed by views that check ownership
 
+MB = 1024 * 1024
 OCRSITE_MAX_UPLOAD_MB = env_int("OCRSITE_MAX_UPLOAD_MB", 200, minimum=1)
+OCRSITE_MAX_UPLOAD_REQUEST_MB = env_int("OCRSITE_MAX_UPLOAD_REQUEST_MB", OCRSITE_MAX_UPLOAD_MB, minimum=1)
+OCRSITE_MAX_UPLOAD_FILES = env_int("OCRSITE_MAX_UPLOAD_FILES", 100, minimum=1)
 OCRSITE_MAX_PAGES = env_int("OCRSITE_MAX_PAGES", 2000, minimum=1)
 OCRSITE_EMBEDDED_RUNNER = env_bool("OCRSITE_EMBEDDED_RUNNER", True)
 # Bearer token for /metrics (and `ocr_worker --metrics-port`); unset: loopback clients only, no proxy.
 OCRSITE_METRICS_TOKEN = env_str("OCRSITE_METRICS_TOKEN")
+# The largest request body by path prefix, refused before it is read (ocrsite/limits.py); the first
+# match wins, any other path gets DATA_UPLOAD_MAX_MEMORY_SIZE (Django's default, 2.5 MB). An upload's
+# multipart framing (boundaries, part headers, the CSRF field) gets 1 MB on top of its files.
+UPLOAD_BODY_LIMIT = OCRSITE_MAX_UPLOAD_REQUEST_MB * MB + MB
+OCRSITE_BODY_LIMITS = [("/scans/upload/", UPLOAD_BODY_LIMIT)]
+# Slow clients: the whole request head must arrive within the header timeout (Granian's
+# header_read_timeout, at most 60 s), and a body must progress by 64 KiB within the body timeout.
+OCRSITE_HEADER_TIMEOUT_MS = env_int("OCRSITE_HEADER_TIMEOUT_MS", 10_000, minimum=1, maximum=60_000)
+OCRSITE_BODY_TIMEOUT_MS = env_int("OCRSITE_BODY_TIMEOUT_MS", 20_000, minimum=1)
+DATA_UPLOAD_MAX_NUMBER_FILES = OCRSITE_MAX_UPLOAD_FILES
 # Uploads bigger than memory allows stream to a temporary file in the data directory.
-FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
-DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * MB
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_PERMISSIONS = 0o600
@@ -142,9 +155,17 @@ CSRF_COOKIE_HTTPONLY = False
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
-if not DEBUG:
-    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
-    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+# HTTPS, for a site behind a TLS-terminating reverse proxy (README, "Deploying"): with the variables
+# documented there, `manage.py check --deploy` is clean.
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+if env_bool("TRUST_X_FORWARDED_PROTO", False):
+    # Only behind a proxy that sets this header on every request (overwriting the client's).
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
 
 LOGGING = {
     "version": 1,

@@ -6,6 +6,7 @@ cached under DATA_DIR/thumbs, keyed by the file's hash so a reused id never show
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -14,6 +15,8 @@ from django.conf import settings
 
 from scans.models import Scan
 from scans.pipeline.render import render_page_sync
+
+logger = logging.getLogger(__name__)
 
 THUMB_LONGEST_SIDE = 300
 
@@ -36,14 +39,21 @@ def thumbnail_png(scan: Scan, number: int) -> bytes:
     image = render_page_sync(
         Path(scan.file.path), scan.content_type, number, longest_side=THUMB_LONGEST_SIDE, image_format="png"
     )
+    try:
+        _cache(path, image.data)
+    except OSError as exc:  # a full disk costs the cache, not the thumbnail
+        logger.warning("Thumbnail not cached (%s): %s", path.name, exc.strerror or exc)
+    return image.data
+
+
+def _cache(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: a concurrent request never reads half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(image.data)
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return image.data

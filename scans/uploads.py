@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -164,7 +165,10 @@ def _spool(chunks: Iterable[bytes]) -> tuple[Path, str, int]:
     limit = settings.OCRSITE_MAX_UPLOAD_MB * 1024 * 1024
     digest = hashlib.sha256()
     size = 0
-    fd, name = tempfile.mkstemp(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-")
+    try:
+        fd, name = tempfile.mkstemp(dir=settings.FILE_UPLOAD_TEMP_DIR, prefix="upload-")
+    except OSError as exc:
+        raise _not_stored(exc) from exc
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -176,10 +180,20 @@ def _spool(chunks: Iterable[bytes]) -> tuple[Path, str, int]:
                     )
                 digest.update(chunk)
                 handle.write(chunk)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise _not_stored(exc) from exc
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path, digest.hexdigest(), size
+
+
+def _not_stored(error: OSError) -> UploadRejected:
+    """A write (or read) that failed while storing a file, as a message for the person uploading."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return UploadRejected("The server's disk is full, so the file was not stored. Try again later.")
+    return UploadRejected(f"The server could not store the file ({error.strerror or error}); nothing was kept.")
 
 
 def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, original_name: str, options: dict | None) -> Scan:
@@ -187,8 +201,12 @@ def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, or
         inspection = inspect_file(spooled)
         relative = f"scans/{uuid.uuid4().hex}{inspection.kind.extension}"
         destination = Path(settings.MEDIA_ROOT) / relative
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(spooled, destination)
+        try:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(spooled, destination)  # a copy when media is on another filesystem
+        except OSError as exc:
+            destination.unlink(missing_ok=True)
+            raise _not_stored(exc) from exc
     finally:
         spooled.unlink(missing_ok=True)
     try:

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
@@ -40,7 +42,8 @@ def upload(request: HttpRequest) -> HttpResponse:
             messages.success(request, f"Queued {names}.")
         if created and len(created) == len(files):
             return redirect("scans:detail", scan_id=created[0].pk) if len(created) == 1 else redirect("scans:list")
-    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED})
+    limits = {"max_files": settings.OCRSITE_MAX_UPLOAD_FILES, "max_request_mb": settings.OCRSITE_MAX_UPLOAD_REQUEST_MB}
+    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED, **limits})
 
 
 @login_required
@@ -60,15 +63,22 @@ def download(request: HttpRequest, scan_id: int, fmt: str) -> HttpResponse:
     scan = get_visible_scan(request.user, scan_id)
     content_type, export = exports.FORMATS[fmt]
     response = HttpResponse(export(scan), content_type=content_type)
-    stem = scan.original_filename.rsplit(".", 1)[0] or f"scan-{scan.pk}"
-    response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=f"{stem}.{fmt}")
+    response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=f"{_stem(scan)}.{fmt}")
     return response
+
+
+def _stem(scan: Scan) -> str:
+    return scan.original_filename.rsplit(".", 1)[0] or f"scan-{scan.pk}"
 
 
 @login_required
 def original_file(request: HttpRequest, scan_id: int) -> FileResponse:
+    """The stored file as an attachment named with the extension of the type detected at upload
+    (its stored name's), never the uploader's: `report.html` that is a PDF downloads as `report.pdf`.
+    SecurityMiddleware adds `X-Content-Type-Options: nosniff`."""
     scan = get_visible_scan(request.user, scan_id)
-    return FileResponse(scan.file.open("rb"), as_attachment=True, filename=scan.original_filename, content_type=scan.content_type)
+    filename = _stem(scan) + Path(scan.file.name).suffix
+    return FileResponse(scan.file.open("rb"), as_attachment=True, filename=filename, content_type=scan.content_type)
 
 
 @login_required

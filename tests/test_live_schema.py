@@ -11,7 +11,6 @@ from typing import Literal, get_args, get_origin, get_type_hints, is_typeddict
 import pytest
 
 from scans import events as scan_events
-from scans import progress
 from tests.support import REPO
 from vllm_control import events
 from vllm_control.status import ServerState, ServerStatus

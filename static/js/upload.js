@@ -14,6 +14,25 @@
     }
   }
   input.addEventListener("change", listFiles);
+
+  // The server refuses a larger upload before reading it (413), and a browser still sending may
+  // show that as a reset connection: say it here instead.
+  const form = document.getElementById("upload-form");
+  const error = document.getElementById("upload-error");
+  form.addEventListener("submit", (event) => {
+    const maxFiles = Number(form.dataset.maxFiles);
+    const maxMb = Number(form.dataset.maxMb);
+    const totalMb = [...input.files].reduce((sum, file) => sum + file.size, 0) / 1024 / 1024;
+    let problem = "";
+    if (input.files.length > maxFiles) {
+      problem = `You chose ${input.files.length} files; one upload takes at most ${maxFiles}.`;
+    } else if (totalMb > maxMb) {
+      problem = `The chosen files are ${totalMb.toFixed(1)} MB together; one upload takes at most ${maxMb} MB.`;
+    }
+    error.hidden = !problem;
+    error.textContent = problem;
+    if (problem) event.preventDefault();
+  });
   ["dragenter", "dragover"].forEach((name) =>
     zone.addEventListener(name, (event) => { event.preventDefault(); zone.classList.add("over"); }));
   ["dragleave", "drop"].forEach((name) =>

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scans.models import Page
 from scans.pipeline.runner import Runner
 from tests.scans.ocr_processes import start_manage
-from tests.scans.test_runner import fake, new_scan, owner, short_knobs, use_external  # noqa: F401 - fixtures
+from tests.scans.conftest import new_scan, use_external
 from tests.support import free_port, kill_group, project_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,7 +34,7 @@ def value(found: dict, name: str, **labels) -> float:
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_processed_scan_shows_in_the_metrics(fake, owner, tmp_path, settings):  # noqa: F811
+async def test_a_processed_scan_shows_in_the_metrics(fake, owner, tmp_path, settings):
     settings.OCRSITE_METRICS_TOKEN = ""
     server = fake()
     await sync_to_async(use_external)(server.base_url)

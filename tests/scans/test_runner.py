@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -17,10 +16,8 @@ from scans import exports, services
 from scans.models import Page, Scan, Worker
 from scans.pipeline import runner as runner_module
 from scans.pipeline.runner import Runner
-from scans.uploads import create_scan_from_path
-from tests.fakes.pages import make_pdf
-from tests.scans.pipeline.helpers import MODEL, FakeServer, start_fake_vllm, stop_fake_vllm
-from vllm_control.models import VLMSettings
+from tests.scans.conftest import new_scan, use_external
+from tests.scans.pipeline.helpers import MODEL
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -30,42 +27,6 @@ def short_knobs(monkeypatch, settings, tmp_path):
     monkeypatch.setenv("OCRSITE_RUNNER_POLL_MS", "200")
     monkeypatch.setenv("OCRSITE_CLAIM_STALE_MS", "1500")
     settings.MEDIA_ROOT = tmp_path / "media"
-
-
-@pytest.fixture
-def owner(transactional_db):
-    return get_user_model().objects.create_user("alice", password="x")
-
-
-def use_external(base_url: str, **ocr) -> None:
-    row = VLMSettings.load()
-    row.mode = "external"
-    row.external_base_url = base_url
-    row.served_model_name = MODEL
-    row.page_retries = 0
-    row.max_in_flight = 4
-    for key, value in ocr.items():
-        setattr(row, key, value)
-    row.save()
-
-
-@pytest.fixture
-def fake(tmp_path, transactional_db):
-    servers: list[FakeServer] = []
-
-    def start(**env) -> FakeServer:
-        server = start_fake_vllm(tmp_path, env={k: str(v) for k, v in env.items()})
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        stop_fake_vllm(server)
-
-
-def new_scan(owner, tmp_path: Path, pages: int, name: str = "doc.pdf", options: dict | None = None, **pdf) -> Scan:
-    path = make_pdf(tmp_path / name, pages, **pdf)
-    return create_scan_from_path(owner=owner, path=path, options=options)
 
 
 async def eventually(check, timeout: float = 60.0) -> None:

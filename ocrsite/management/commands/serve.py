@@ -1,15 +1,24 @@
-"""`manage.py serve`: run the site with Daphne and deliver the ASGI lifespan around it.
+"""`manage.py serve`: run the site with Granian (embedded in this process) and the ASGI lifespan.
 
-Daphne does not send lifespan events (django/daphne#264), so this command does: `lifespan.startup`
-before it starts listening, `lifespan.shutdown` when SIGTERM/SIGINT stops the reactor, before the loop
-ends, so the supervised vLLM server is stopped and waited for.
+Granian hands the application each request as soon as its head has arrived and streams the body, so
+`ocrsite.limits` refuses an oversize or trickling body before it is read, and Granian closes a
+connection whose head does not arrive within `OCRSITE_HEADER_TIMEOUT_MS`. The README's "Deploying"
+section has the measurements behind this choice (bench/server_bench.py).
+
+This command speaks the lifespan itself, around the server: `lifespan.startup` before it listens (a
+failure exits non-zero), `lifespan.shutdown` once SIGTERM/SIGINT has stopped it, so the supervised
+vLLM server is stopped and waited for before the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
+import tempfile
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 logger = logging.getLogger(__name__)
@@ -56,38 +65,67 @@ class LifespanDriver:
 
 
 class Command(BaseCommand):
-    help = "Run ocrsite (HTTP and WebSockets) with Daphne, with the ASGI lifespan (model server, OCR runner)."
+    help = "Run ocrsite (HTTP and WebSockets) with Granian, with the ASGI lifespan (model server, OCR runner)."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8080)
 
     def handle(self, *args, host: str, port: int, **options) -> None:
-        # daphne.server installs the asyncio Twisted reactor: import it before anything imports twisted.
-        from daphne.endpoints import build_endpoint_description_strings
-        from daphne.server import Server, twisted_loop
-        from twisted.internet import defer, reactor
+        # Django spools request bodies to anonymous temporary files: keep them on the data directory's
+        # disk, whose space the operator watches, rather than in /tmp, which may be memory (tmpfs).
+        tempfile.tempdir = settings.FILE_UPLOAD_TEMP_DIR
+        asyncio.run(self._serve(host, port))
+
+    async def _serve(self, host: str, port: int) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.http import HTTP1Settings
+        from granian.log import LogLevels
+        from granian.server.embed import Server
 
         from ocrsite.asgi import application
 
+        _check_free(host, port)  # before the lifespan starts a model server for nothing
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         driver = LifespanDriver(application)
-        asyncio.set_event_loop(twisted_loop)
-        # The loop the reactor will run: the supervisor and the runner started here live on it.
-        twisted_loop.run_until_complete(driver.startup())
+        await driver.startup()
+        try:
+            if stop.is_set():
+                return
+            server = Server(
+                application,
+                address=host,
+                port=port,
+                interface=Interfaces.ASGINL,  # no lifespan from Granian: this command drives it
+                backlog=1024,  # as Granian's command line: the embedded default (128) also caps
+                # the connections served at once (backpressure), and slow clients would fill them
+                http=HTTPModes.http1,  # WebSockets need HTTP/1, and header_read_timeout is HTTP/1's
+                http1_settings=HTTP1Settings(header_read_timeout=settings.OCRSITE_HEADER_TIMEOUT_MS),
+                log_level=LogLevels.warning,
+            )
+            serving = asyncio.ensure_future(server.serve())
+            stopping = asyncio.ensure_future(stop.wait())
+            self.stdout.write(f"ocrsite listening on http://{host}:{port}/", ending="\n")
+            self.stdout.flush()
+            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            server.stop()
+            try:
+                await serving
+            except RuntimeError as exc:  # Granian's bind errors
+                raise CommandError(f"Cannot serve on {host}:{port}: {exc}") from None
+        finally:
+            await driver.shutdown()
 
-        def shutdown() -> defer.Deferred:
-            return defer.Deferred.fromFuture(asyncio.ensure_future(driver.shutdown(), loop=twisted_loop))
 
-        reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-        self.stdout.write(f"ocrsite listening on http://{host}:{port}/", ending="\n")
-        self.stdout.flush()
-        server = Server(
-            application=application,
-            endpoints=build_endpoint_description_strings(host=host, port=port),
-            signal_handlers=True,
-            application_close_timeout=10,
-            server_name="ocrsite",
-        )
-        server.run()
-        if not twisted_loop.is_closed() and driver.task is not None and not driver.task.done():
-            twisted_loop.run_until_complete(driver.shutdown())  # the reactor stopped without its triggers
+def _check_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"Cannot serve on {host}:{port}: {exc.strerror}.") from None
