@@ -18,10 +18,6 @@ DEFERRED_IMPORTS = {
     ("scans.pipeline.builtin", "rapidocr_onnxruntime"): "heavy (onnxruntime): loaded on first use",
     ("scans.pipeline.builtin", "cv2"): "heavy (OpenCV): loaded on first use",
     ("scans.pipeline.builtin", "numpy"): "only needed with the CPU engine",
-    ("ocrsite.management.commands.serve", "daphne.endpoints"): "daphne installs Twisted's asyncio reactor on import",
-    ("ocrsite.management.commands.serve", "daphne.server"): "daphne installs Twisted's asyncio reactor on import",
-    ("ocrsite.management.commands.serve", "twisted.internet"): "after daphne.server has installed the reactor",
-    ("ocrsite.management.commands.serve", "ocrsite.asgi"): "builds the ASGI application (Django set up) only when serving",
 }
 
 

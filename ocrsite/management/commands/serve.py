@@ -20,6 +20,12 @@ import tempfile
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from granian.constants import HTTPModes, Interfaces
+from granian.http import HTTP1Settings
+from granian.log import LogLevels
+from granian.server.embed import Server
+
+from ocrsite.asgi import application
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +84,6 @@ class Command(BaseCommand):
         asyncio.run(self._serve(host, port))
 
     async def _serve(self, host: str, port: int) -> None:
-        from granian.constants import HTTPModes, Interfaces
-        from granian.http import HTTP1Settings
-        from granian.log import LogLevels
-        from granian.server.embed import Server
-
-        from ocrsite.asgi import application
-
         _check_free(host, port)  # before the lifespan starts a model server for nothing
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
