@@ -46,7 +46,8 @@ async def test_request_shape_and_result(base_url: str) -> None:
 
     engine = engine_with(handler, base_url=base_url, api_key="sekret")
     result = await engine.ocr_page(marked_page(3), ocr_options(max_tokens=321, temperature=0.25))
-    request = seen[0]
+    models, request = seen  # the served model's max_model_len is read first
+    assert models.method == "GET" and str(models.url) == "http://vllm.test:8000/v1/models"
     assert request.method == "POST" and str(request.url) == "http://vllm.test:8000/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer sekret"
     body = json.loads(request.content)
@@ -72,8 +73,8 @@ async def test_temperature_override_and_no_key_means_no_header() -> None:
 
     engine = engine_with(handler)
     await engine.ocr_page(marked_page(1), ocr_options(temperature=0.0), temperature=0.8)
-    assert json.loads(seen[0].content)["temperature"] == 0.8
-    assert "authorization" not in seen[0].headers
+    assert json.loads(seen[-1].content)["temperature"] == 0.8
+    assert all("authorization" not in request.headers for request in seen)
 
 
 async def test_olmocr_metadata_is_parsed() -> None:
