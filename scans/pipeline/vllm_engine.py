@@ -147,14 +147,14 @@ class VLLMEngine:
 
     async def _model_cards(self) -> list[dict[str, Any]] | None:
         """/v1/models' `data` (vLLM: {"id", "max_model_len", ...} per served name), or None if it cannot say."""
+        timeout = min(CONNECT_TIMEOUT_S, self.timeout_s)
         try:
-            response = await self._client.get(
-                f"{self.base_url}/models", headers=self._headers, timeout=min(CONNECT_TIMEOUT_S, self.timeout_s)
-            )
+            async with asyncio.timeout(timeout):
+                response = await self._client.get(f"{self.base_url}/models", headers=self._headers, timeout=timeout)
             if response.status_code != 200:
                 return None
             data = response.json().get("data")
-        except (httpx.HTTPError, ValueError, AttributeError):
+        except (httpx.HTTPError, TimeoutError, ValueError, AttributeError):
             return None
         return [card for card in data if isinstance(card, dict)] if isinstance(data, list) else None
 
