@@ -359,6 +359,9 @@ class Runner:
                 async for image in pages:
                     await per_scan.acquire()
                     await _acquire_or_release(self._budget, per_scan)
+                    # A page that just failed for good released its slot (waking us) before its done-callback
+                    # could report it; let that callback run first, or one more page would be sent.
+                    await asyncio.sleep(0)
                     if failure:
                         per_scan.release()
                         self._budget.release()

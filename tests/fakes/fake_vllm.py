@@ -14,7 +14,7 @@ Knobs (environment variables):
   FAKE_VLLM_SCRIPT          JSON {"<page>": [outcome, ...]}: outcomes of that page's successive requests, then "ok"
                             (deterministic retry tests). Outcomes: ok, 500, 429, length (cut in half), garbage (prose),
                             hang, drop (connection closed), hold (answered once FAKE_VLLM_STATE_DIR/release or
-                            release-<page> exists), think_forever (reasons until max_tokens, never answers), empty
+                            release-<page> exists; hold:<outcome> then answers with that outcome), think_forever (reasons until max_tokens, never answers), empty
                             (answers nothing), loop / loop_phrase (a table row / a phrase repeated until max_tokens),
                             html_502 / html_503 / html_504 (the HTML error page of an nginx / AWS load balancer /
                             Cloudflare proxy in front of the server), 401 (as if the API key had just been revoked)
@@ -149,7 +149,7 @@ def _script(raw: str) -> dict[int, list[str]]:
     parsed = json.loads(raw)
     script = {int(page): [str(o) for o in outcomes] for page, outcomes in parsed.items()}
     for outcomes in script.values():
-        unknown = set(outcomes) - OUTCOMES
+        unknown = {o.removeprefix("hold:") for o in outcomes} - OUTCOMES
         if unknown:
             raise SystemExit(f"FAKE_VLLM_SCRIPT: unknown outcome(s) {sorted(unknown)}; known: {sorted(OUTCOMES)}")
     return script
@@ -888,41 +888,47 @@ class Handler(BaseHTTPRequestHandler):
                  "rotation": rotation, "max_tokens": body.get("max_tokens"), "outcome": outcome,
                  "image_size": list(image.size) if image is not None else None,
                  "chat_template_kwargs": body.get("chat_template_kwargs")}
-        if outcome in PROXY_PAGES:  # the proxy in front of the server answers; the server never sees it
+        held = outcome == "hold" or outcome.startswith("hold:")
+        if held:  # recorded on arrival, so the test sees it is held; then answered as the rest says
             state.record(entry)
+            if not self._wait_for_release(page):
+                return
+            outcome = outcome.partition(":")[2] or "ok"
+
+        def record(entry: dict) -> None:  # each request is recorded once
+            if not held:
+                state.record(entry)
+
+        if outcome in PROXY_PAGES:  # the proxy in front of the server answers; the server never sees it
+            record(entry)
             status, server, page_html = PROXY_PAGES[outcome]
             return self._send_html(status, page_html, server)
         if outcome == "401":
-            state.record(entry)
+            record(entry)
             return self._send(401, {"error": "Unauthorized"})
         if outcome == "ok" and state.chance(knobs.rate_429):
             outcome = entry["outcome"] = "429"
         if outcome == "429":
-            state.record(entry)
+            record(entry)
             raise HTTPError(429, error_body("Too many requests: the server is at capacity, retry later.",
                                             "RateLimitError", 429), {"retry-after": str(knobs.retry_after)})
         with state.capacity:
             if knobs.latency > 0:
                 state.stopping.wait(knobs.latency)
             if outcome == "hang":
-                state.record(entry)
+                record(entry)
                 state.stopping.wait()
                 self.close_connection = True
                 return
-            if outcome == "hold":
-                state.record(entry)  # on arrival: the test sees it is held, then releases it
-                if not self._wait_for_release(page):
-                    return
-                outcome = "ok"
             if outcome == "drop":
-                state.record(entry)
+                record(entry)
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             if outcome == "ok" and state.chance(knobs.error_rate):
                 outcome = entry["outcome"] = "500"
             if outcome == "500":
-                state.record(entry)
+                record(entry)
                 self._send(500, error_body("EngineCore encountered an issue. See stack trace (above) for the root cause.",
                                            "InternalServerError", 500))
                 self._finish_chat()
@@ -930,18 +936,13 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 status, response, extra = chat.respond(body, prompt, image, outcome, page, rotation)
             except HTTPError as exc:
-                if entry["outcome"] != "hold":
-                    entry.update(outcome=str(exc.status), error=exc.body["error"]["message"])
-                    state.record(entry)
+                entry.update(outcome=str(exc.status), error=exc.body["error"]["message"])
+                record(entry)
                 raise
-        if entry["outcome"] == "hold":
-            self._send(status, response)
-            self._finish_chat()
-            return
         if extra["finish_reason"] == "length" and entry["outcome"] == "ok":
             entry["outcome"] = "length"
         entry["finish_reason"] = extra["finish_reason"]
-        state.record(entry)
+        record(entry)
         self._send(status, response)
         self._finish_chat()
 
