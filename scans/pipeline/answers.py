@@ -34,6 +34,7 @@ class SplitAnswer:
     text: str  # what is left for the page, stripped
     reasoning: str  # what was removed as reasoning, stripped ("" when none)
     unterminated: bool  # a reasoning block never closed: anything after its opening tag is lost
+    opened_by_template: bool = False  # the answer began inside a block its chat template opened
 
 
 def split_reasoning(content: str) -> SplitAnswer:
@@ -43,7 +44,7 @@ def split_reasoning(content: str) -> SplitAnswer:
     in the prompt (chat templates of Qwen3-Thinking and DeepSeek-R1 end the prompt with `<think>`, so the
     answer starts inside it and only `</think>` appears) and a block that never closes (the model was
     still thinking when it hit max_tokens). Tags are matched case-insensitively."""
-    text, removed, unterminated = content, [], False
+    text, removed, unterminated, opened_by_template = content, [], False, False
     for opening, closing in THINK_TAGS:
         open_re = re.compile(re.escape(opening), re.IGNORECASE)
         close_re = re.compile(re.escape(closing), re.IGNORECASE)
@@ -52,6 +53,7 @@ def split_reasoning(content: str) -> SplitAnswer:
         if first_close and (first_open is None or first_open.start() > first_close.start()):
             removed.append(text[: first_close.start()])  # opened by the chat template
             text = text[first_close.end() :]
+            opened_by_template = True
         block = re.compile(f"{re.escape(opening)}(.*?){re.escape(closing)}", re.IGNORECASE | re.DOTALL)
         removed.extend(match.group(1) for match in block.finditer(text))
         text = block.sub("", text)
@@ -65,7 +67,7 @@ def split_reasoning(content: str) -> SplitAnswer:
     if wrapped:
         text = wrapped.group(1)
     reasoning = "\n\n".join(part.strip() for part in removed if part.strip())
-    return SplitAnswer(text=text.strip(), reasoning=reasoning, unterminated=unterminated)
+    return SplitAnswer(text=text.strip(), reasoning=reasoning, unterminated=unterminated, opened_by_template=opened_by_template)
 
 
 # --- runaway repetition ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import base64
 import email.utils
 import re
 import time
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Any
 
@@ -132,6 +133,9 @@ class VLLMEngine:
         self._models_read = False  # /v1/models answered (with or without a max_model_len)
         self._models_asked_at: float | None = None
         self._models_lock = asyncio.Lock()
+        # The model's chat template opens its think block (seen in an earlier answer): an answer cut off
+        # before any closing tag is then all reasoning, though it carries no tag at all.
+        self._template_opens_thinking = False
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -312,6 +316,9 @@ class VLLMEngine:
         answer = split_reasoning(content)
         rejected = dict(finish_reason=finish_reason, input_tokens=input_tokens, output_tokens=output_tokens, latency_ms=latency_ms)
         cut_off = finish_reason == "length"
+        self._template_opens_thinking |= answer.opened_by_template
+        if cut_off and self._template_opens_thinking and not answer.reasoning:
+            answer = replace(answer, text="", reasoning=answer.text)
         if not answer.text:
             if reasoning.strip() or answer.reasoning:
                 still = f" (it was still thinking when it reached max_tokens, {max_tokens} tokens)" if cut_off else ""

@@ -99,6 +99,23 @@ async def test_reasoning_only_is_retried_then_fails_saying_what_to_change(tmp_pa
     assert outcome.output_tokens == 4 * 512  # every attempt is paid for
 
 
+async def test_a_cut_off_answer_without_tags_is_reasoning_once_the_template_is_known_to_open_it(tmp_path: Path) -> None:
+    # Served without a reasoning parser, a model whose chat template opens <think> that runs out of tokens
+    # while thinking writes no tag at all; its earlier answers (...</think>) told the engine how it thinks.
+    env = {"FAKE_VLLM_THINKING": "template", "FAKE_VLLM_SCRIPT": json.dumps({"18": ["think_forever"] * 2})}
+    with fake_vllm(tmp_path, env=env) as server:
+        engine = engine_for(server)
+        try:
+            first = await ocr_page_with_retries(engine, marked_page(17), ocr_options(page_retries=1), rerender=no_rerender)
+            second = await ocr_page_with_retries(engine, marked_page(18), ocr_options(page_retries=1), rerender=no_rerender)
+        finally:
+            await engine.aclose()
+        assert [r["outcome"] for r in sent(server, 18)] == ["think_forever"] * 2
+    assert first.status == "done" and first.text.startswith("# PAGE 17\n")
+    assert (second.status, second.text, second.attempts) == ("failed", "", 2)
+    assert second.error.startswith("The model answered with its reasoning only")
+
+
 async def test_the_extra_request_body_turns_thinking_off_and_cannot_replace_ocrsites_fields(tmp_path: Path) -> None:
     env = {"FAKE_VLLM_THINKING": "template", "FAKE_VLLM_SCRIPT": json.dumps({"12": ["think_forever"] * 4})}
     extra = {"chat_template_kwargs": {"enable_thinking": False}, "model": "other/model", "max_tokens": 1, "stream": True}
