@@ -15,10 +15,22 @@ import pytest
 from PIL import Image
 
 from tests.fakes import pages
-from tests.scans.pipeline.helpers import MODEL, FakeServer, fake_vllm
+from tests.scans.pipeline.helpers import MODEL, FakeServer, fake_vllm, start_fake_vllm, stop_fake_vllm
 from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
+
+
+# Scripted pages of the shared double (default configuration).
+SCRIPT = {"7": ["html_502"], "21": ["html_503"], "22": ["html_504"], "8": ["empty"], "9": ["loop"], "23": ["loop_phrase"],
+          "10": ["hold"]}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> FakeServer:
+    server = start_fake_vllm(tmp_path_factory.mktemp("double"), env={"FAKE_VLLM_SCRIPT": json.dumps(SCRIPT)})
+    yield server
+    stop_fake_vllm(server)
 
 
 def data_uri(image: Image.Image) -> str:
@@ -104,50 +116,46 @@ def test_context_limits_with_vllms_messages(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("outcome", "status", "server_header", "title"),
-    [("html_502", 502, "nginx/1.24.0", "502 Bad Gateway"), ("html_503", 503, "awselb/2.0", "503 Service Temporarily Unavailable"),
-     ("html_504", 504, "cloudflare", "504: Gateway time-out")],
+    ("number", "status", "server_header", "title"),
+    [(7, 502, "nginx/1.24.0", "502 Bad Gateway"), (21, 503, "awselb/2.0", "503 Service Temporarily Unavailable"),
+     (22, 504, "cloudflare", "504: Gateway time-out")],
 )
-def test_proxies_answer_with_html_error_pages(tmp_path: Path, outcome, status, server_header, title) -> None:
-    with fake_vllm(tmp_path, env={"FAKE_VLLM_SCRIPT": json.dumps({"7": [outcome]})}) as server:
-        response = ask(server, page(7))
-        again = ask(server, page(7))
+def test_proxies_answer_with_html_error_pages(shared: FakeServer, number, status, server_header, title) -> None:
+    response = ask(shared, page(number))
+    again = ask(shared, page(number))
     assert response.status_code == status and response.headers["server"] == server_header
     assert response.headers["content-type"].startswith("text/html") and title in response.text
-    assert again.status_code == 200 and "PAGE 7" in again.json()["choices"][0]["message"]["content"]
+    assert again.status_code == 200 and f"PAGE {number}" in again.json()["choices"][0]["message"]["content"]
 
 
-def test_blank_pages_get_an_empty_answer_and_empty_outcome_any_page(tmp_path: Path) -> None:
+def test_blank_pages_get_an_empty_answer_and_empty_outcome_any_page(shared: FakeServer) -> None:
     rng = random.Random(3)
     noisy = Image.new("L", (600, 780), 235)
     noisy.putdata([min(255, max(0, 235 + int(rng.gauss(0, 6)))) for _ in range(600 * 780)])
-    with fake_vllm(tmp_path, env={"FAKE_VLLM_SCRIPT": json.dumps({"8": ["empty"]})}) as server:
-        white = ask(server, Image.new("RGB", (600, 780), "white")).json()["choices"][0]
-        grain = ask(server, noisy).json()["choices"][0]
-        empty = ask(server, page(8)).json()["choices"][0]
-        then = ask(server, page(8)).json()["choices"][0]
+    white = ask(shared, Image.new("RGB", (600, 780), "white")).json()["choices"][0]
+    grain = ask(shared, noisy).json()["choices"][0]
+    empty = ask(shared, page(8)).json()["choices"][0]
+    then = ask(shared, page(8)).json()["choices"][0]
     assert (white["message"]["content"], white["finish_reason"]) == ("", "stop")
     assert grain["message"]["content"] == "" and empty["message"]["content"] == ""
     assert "PAGE 8" in then["message"]["content"]
 
 
-@pytest.mark.parametrize(("outcome", "unit"), [("loop", "| Item | 1 |\n"), ("loop_phrase", "to the terms and conditions ")])
-def test_loops_run_until_max_tokens(tmp_path: Path, outcome, unit) -> None:
-    with fake_vllm(tmp_path, env={"FAKE_VLLM_SCRIPT": json.dumps({"9": [outcome]})}) as server:
-        answer = ask(server, page(9), max_tokens=300).json()
+@pytest.mark.parametrize(("number", "unit"), [(9, "| Item | 1 |\n"), (23, "to the terms and conditions ")])
+def test_loops_run_until_max_tokens(shared: FakeServer, number, unit) -> None:
+    answer = ask(shared, page(number), max_tokens=300).json()
     content = answer["choices"][0]["message"]["content"]
     assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 300
-    assert content.startswith("# PAGE 9\n") and content.count(unit) > 30
+    assert content.startswith(f"# PAGE {number}\n") and content.count(unit) > 30
 
 
-def test_a_held_request_is_answered_when_released(tmp_path: Path) -> None:
-    with fake_vllm(tmp_path, env={"FAKE_VLLM_SCRIPT": json.dumps({"10": ["hold"]})}) as server:
-        answers: list[httpx.Response] = []
-        thread = threading.Thread(target=lambda: answers.append(ask(server, page(10))))
-        thread.start()
-        wait_until(lambda: server.requests(), timeout=10, message="the held request to arrive")
-        assert server.requests()[0]["outcome"] == "hold" and not answers
-        (server.state_dir / "release-10").touch()
-        thread.join(10)
-        assert len(server.requests()) == 1  # recorded once, on arrival
+def test_a_held_request_is_answered_when_released(shared: FakeServer) -> None:
+    answers: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answers.append(ask(shared, page(10))))
+    thread.start()
+    wait_until(lambda: [r for r in shared.requests() if r["page_marker"] == 10], timeout=10, message="the held request")
+    assert [r["outcome"] for r in shared.requests() if r["page_marker"] == 10] == ["hold"] and not answers
+    (shared.state_dir / "release-10").touch()
+    thread.join(10)
+    assert [r["outcome"] for r in shared.requests() if r["page_marker"] == 10] == ["hold"]  # recorded once, on arrival
     assert "PAGE 10" in answers[0].json()["choices"][0]["message"]["content"]
