@@ -14,8 +14,9 @@ Knobs (environment variables):
   FAKE_VLLM_SCRIPT          JSON {"<page>": [outcome, ...]}: outcomes of that page's successive requests, then "ok"
                             (deterministic retry tests). Outcomes: ok, 500, 429, length (cut in half), garbage (prose),
                             hang, drop (connection closed), hold (answered once FAKE_VLLM_STATE_DIR/release or
-                            release-<page> exists; hold:<outcome> then answers with that outcome), think_forever (reasons until max_tokens, never answers), empty
-                            (answers nothing), loop / loop_phrase (a table row / a phrase repeated until max_tokens),
+                            release-<page> exists; hold:<outcome> then answers with that outcome), think_forever
+                            (reasons until max_tokens, never answers), empty (answers nothing), loop / loop_phrase
+                            (a table row / a phrase repeated until max_tokens),
                             html_502 / html_503 / html_504 (the HTML error page of an nginx / AWS load balancer /
                             Cloudflare proxy in front of the server), 401 (as if the API key had just been revoked)
   FAKE_VLLM_THINKING        the model reasons before answering: inline (it writes <think>...</think> itself) or
