@@ -20,7 +20,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "External server": ("external_base_url", "external_api_key"),
     "OCR": (
         "prompt_preset", "custom_prompt", "target_longest_side", "image_format", "max_tokens",
-        "temperature", "page_retries", "max_in_flight", "request_timeout_s",
+        "temperature", "page_retries", "max_in_flight", "request_timeout_s", "extra_body",
     ),
 }
 
@@ -54,6 +54,7 @@ class VLMSettingsForm(forms.ModelForm):
             **{name: forms.PasswordInput(render_value=False) for name in VLMSettings.SECRET_FIELDS},
             "serve_args": forms.TextInput(),
             "custom_prompt": forms.Textarea(attrs={"rows": 4}),
+            "extra_body": forms.Textarea(attrs={"rows": 3}),
         }
         labels = {
             "hf_token": "Hugging Face token",
@@ -66,6 +67,7 @@ class VLMSettingsForm(forms.ModelForm):
             "stop_grace_ms": "Stop grace (ms)",
             "request_timeout_s": "Request timeout (s)",
             "max_in_flight": "Max requests in flight",
+            "extra_body": "Extra request body (JSON)",
         }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -93,6 +95,20 @@ class VLMSettingsForm(forms.ModelForm):
             shlex.split(value)
         except ValueError as exc:
             raise forms.ValidationError(f"Cannot split these arguments like a shell would: {exc}.") from None
+        return value
+
+    def clean_extra_body(self) -> dict:
+        value = self.cleaned_data.get("extra_body")
+        if value in (None, ""):
+            return {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError('Enter a JSON object, such as {"chat_template_kwargs": {"enable_thinking": false}}.')
+        reserved = [name for name in VLMSettings.RESERVED_BODY_FIELDS if name in value]
+        if reserved:
+            raise forms.ValidationError(
+                f"ocrsite sets {', '.join(reserved)} itself (see the other OCR options); remove "
+                f"{'it' if len(reserved) == 1 else 'them'} from the extra request body."
+            )
         return value
 
     def _clean_url(self, name: str) -> str:

@@ -71,10 +71,19 @@ class VLMSettings(models.Model):
         default=16, validators=[MinValueValidator(1), MaxValueValidator(512)]
     )
     request_timeout_s = models.PositiveIntegerField(default=300, validators=[MinValueValidator(1)])
+    extra_body = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='A JSON object sent with every page request, e.g. {"chat_template_kwargs": {"enable_thinking": '
+        "false}} to turn a reasoning model's thinking off (Qwen3, GLM-4.5V), or sampling options such as "
+        '{"repetition_penalty": 1.05}. It cannot replace the fields ocrsite sets itself.',
+    )
 
     updated_at = models.DateTimeField(auto_now=True)
 
     SECRET_FIELDS = ("hf_token", "local_api_key", "external_api_key")
+    # Chat-request fields ocrsite sets itself (the retry policy and the context fit depend on them).
+    RESERVED_BODY_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "n")
 
     class Meta:
         verbose_name = "VLM settings"

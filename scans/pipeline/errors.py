@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class EngineError(Exception):
     """Base class; `str(error)` is a message fit to show a person."""
@@ -43,6 +45,21 @@ class OutputRejected(EngineError):
         self.latency_ms = latency_ms
 
 
+class EmptyAnswer(OutputRejected):
+    """The model answered with no text at all. Fine for a blank page; for any other, retried and, if it
+    stays empty, the page is done with an "empty" warning."""
+
+
+class ReasoningOnly(OutputRejected):
+    """A reasoning ("thinking") model answered with its reasoning and no transcription. Reasoning is
+    never page text (`text` is empty); retried, then the page fails with advice."""
+
+
+class RepetitiveOutput(OutputRejected):
+    """The model looped (a line or phrase repeated until max_tokens). `text` is the answer with the
+    repeats collapsed; retried at a higher temperature, then kept with a "repetition" warning."""
+
+
 class RequestRejected(EngineError):
     """The server refused this page's request (a 4xx other than a bad key or an unknown model, e.g. the
     page does not fit the model's context): sending it again unchanged cannot help, but other pages
@@ -51,6 +68,43 @@ class RequestRejected(EngineError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+ContextOverflow = Literal["prompt", "max_tokens", "answer"]
+
+
+class ContextLimitExceeded(RequestRejected):
+    """The page does not fit the model's context (vLLM's `max_model_len`): its prompt (the image's tokens
+    plus the text) is too long, the `max_tokens` asked for do not fit beside it (both a 400), or the
+    answer was cut off by the context rather than by `max_tokens` (`too_long` "answer", with its text and
+    tokens). A smaller image and fewer `max_tokens` may fit, so the page is retried that way first.
+
+    `max_model_len` and `prompt_tokens` are what the server said (None when it did not say);
+    `max_tokens` is what was asked for."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        too_long: ContextOverflow,
+        max_model_len: int | None = None,
+        prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+        status: int | None = 400,
+        text: str = "",
+        finish_reason: str = "",
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+    ) -> None:
+        super().__init__(message, status=status)
+        self.too_long = too_long
+        self.max_model_len = max_model_len
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.text = text
+        self.finish_reason = finish_reason
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
 
 
 class UnparsableOutput(ValueError):

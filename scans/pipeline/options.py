@@ -7,7 +7,9 @@ them in `Scan.options` (set by `manage.py ocr`, later by the API).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
@@ -24,11 +26,15 @@ class OCRConfig:
     page_retries: int  # attempts after the first
     max_in_flight: int  # requests out at once per runner
     request_timeout_s: int
+    # Sent with every chat request beside ocrsite's own fields (which it never overrides), e.g.
+    # {"chat_template_kwargs": {"enable_thinking": false}} to turn a reasoning model's thinking off.
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
 
 
 def ocr_config(row: VLMSettings) -> OCRConfig:
     """The settings row's OCR options (its fields carry the same names)."""
-    return OCRConfig(**{option.name: getattr(row, option.name) for option in fields(OCRConfig)})
+    values = {option.name: getattr(row, option.name) for option in fields(OCRConfig)}
+    return OCRConfig(**{**values, "extra_body": dict(row.extra_body or {})})
 
 
 async def aocr_config() -> OCRConfig:

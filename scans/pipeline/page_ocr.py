@@ -3,12 +3,18 @@
 Policy:
 - transient failures (connection, timeout, 429, 5xx): exponential backoff with full jitter, capped at
   60 s, never shorter than the server's Retry-After;
-- rejected output (cut off at max_tokens, unparsable): the next attempt uses a higher temperature;
+- rejected output (cut off at max_tokens, unparsable, a loop, reasoning only, empty): the next attempt
+  uses a higher temperature;
+- an empty answer for a blank page (near-uniform image) is right: done at once, with a "blank" warning;
+- the page does not fit the model's context: asked again with a smaller image and fewer max_tokens (up
+  to MAX_CONTEXT_FITS times, on top of the retries), then the page fails naming the settings to change;
 - olmOCR says the page is not upright: re-render it rotated and try again (the last attempt's answer is
   accepted as it is);
 - permanent errors (bad key, unknown model): raised at once, since no page can succeed;
-- a request the server rejects for this page alone (a 4xx other than those): the page fails at once;
-- out of attempts: the PDF text layer if there is one, else a failed page keeping the last output.
+- a request the server rejects for this page alone (another 4xx): the page fails at once;
+- out of attempts: a loop is kept collapsed with a "repetition" warning; otherwise the PDF text layer if
+  there is one; else an empty answer is kept with an "empty" warning, and anything else is a failed page
+  keeping the last output (never reasoning).
 """
 
 from __future__ import annotations
@@ -20,9 +26,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from scans.pipeline.errors import EngineError, OutputRejected, RequestRejected, TransientEngineError
-from scans.pipeline.types import Engine, PageImage, PageResult, PageWarning
+from scans.pipeline.answers import is_blank_page
+from scans.pipeline.context import MAX_CONTEXT_FITS, next_fit, shrink_page
+from scans.pipeline.errors import (
+    ContextLimitExceeded,
+    EmptyAnswer,
+    EngineError,
+    OutputRejected,
+    RepetitiveOutput,
+    RequestRejected,
+    TransientEngineError,
+)
 from scans.pipeline.options import OCRConfig
+from scans.pipeline.types import Engine, PageImage, PageResult, PageWarning
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 60.0
@@ -50,6 +66,18 @@ def backoff_delay(failures: int, retry_after: float | None, rng: random.Random |
     return min(delay, BACKOFF_CAP_S)
 
 
+async def _is_blank(image: PageImage) -> bool:
+    try:
+        return await asyncio.to_thread(is_blank_page, image.data)
+    except Exception:  # an image the server took but Pillow cannot read: not known to be blank
+        logger.warning("Could not check whether page %s is blank", image.number, exc_info=True)
+        return False
+
+
+def _attempts(count: int) -> str:
+    return f"{count} attempt{'s' if count != 1 else ''}"
+
+
 async def ocr_page_with_retries(
     engine: Engine,
     image: PageImage,
@@ -61,25 +89,44 @@ async def ocr_page_with_retries(
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     rng: random.Random | None = None,
 ) -> PageResult:
-    """OCR one page, trying up to 1 + ocr.page_retries times. Raises PermanentEngineError (and
+    """OCR one page, trying up to 1 + ocr.page_retries times (and up to MAX_CONTEXT_FITS more with a
+    smaller image when it does not fit the model's context). Raises PermanentEngineError (and
     CancelledError) unchanged; every other engine failure ends in the returned outcome, whose tokens
     are those of every answer received (what the page cost)."""
     max_attempts = 1 + max(0, ocr.page_retries)
+    page_options = ocr  # this page's options: fewer max_tokens once it did not fit the context
     input_tokens = output_tokens = 0
-    rejections = transient_failures = 0
+    rejections = transient_failures = fits = attempt = 0
     last_error: EngineError | None = None
     last_text = ""
     last_finish = ""
     last_latency = 0
-    for attempt in range(1, max_attempts + 1):
+    blank: bool | None = None
+    while attempt < max_attempts:
+        attempt += 1
         if on_attempt is not None:
             await on_attempt(attempt)
         temperature = escalated_temperature(ocr.temperature, rejections)
         try:
-            result = await engine.ocr_page(image, ocr, temperature=temperature)
+            result = await engine.ocr_page(image, page_options, temperature=temperature)
+        except ContextLimitExceeded as error:
+            last_error = error
+            input_tokens += error.input_tokens
+            output_tokens += error.output_tokens
+            if error.text:
+                last_text, last_finish = error.text, error.finish_reason
+            side = max(image.width, image.height)
+            fit = next_fit(error, longest_side=side, wanted_max_tokens=ocr.max_tokens) if fits < MAX_CONTEXT_FITS else None
+            if fit is None:
+                break
+            fits += 1
+            max_attempts += 1  # a smaller request is not a retry of the same one
+            if fit.longest_side < side:
+                image = await asyncio.to_thread(shrink_page, image, fit.longest_side)
+            page_options = replace(page_options, max_tokens=fit.max_tokens)
+            continue
         except RequestRejected as error:
             last_error = error
-            max_attempts = attempt
             break
         except TransientEngineError as error:
             last_error = error
@@ -89,10 +136,18 @@ async def ocr_page_with_retries(
             continue
         except OutputRejected as error:
             last_error = error
-            rejections += 1
             input_tokens += error.input_tokens
             output_tokens += error.output_tokens
             last_text, last_finish, last_latency = error.text, error.finish_reason, error.latency_ms
+            if isinstance(error, EmptyAnswer):
+                blank = await _is_blank(image) if blank is None else blank
+                if blank:
+                    return PageResult(
+                        text="", attempts=attempt, input_tokens=input_tokens, output_tokens=output_tokens,
+                        latency_ms=error.latency_ms, finish_reason=error.finish_reason,
+                        warnings=[*image.warnings, PageWarning(code="blank", message="Blank page: no text on it.")],
+                    )
+            rejections += 1
             continue
         input_tokens += result.input_tokens
         output_tokens += result.output_tokens
@@ -106,6 +161,12 @@ async def ocr_page_with_retries(
             image = await rerender((image.rotation - correction) % 360)
             last_text, last_finish, last_latency = result.text, result.finish_reason, result.latency_ms
             continue
+        warnings = [*image.warnings, *result.warnings]
+        if not result.text.strip():  # an engine that answers empty pages without raising EmptyAnswer
+            if await _is_blank(image):
+                warnings.append(PageWarning(code="blank", message="Blank page: no text on it."))
+            else:
+                warnings.append(PageWarning(code="empty", message="No text was read from this page, although it is not blank."))
         return replace(
             result,
             status="done",
@@ -113,17 +174,23 @@ async def ocr_page_with_retries(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             metadata=metadata,
-            warnings=[*image.warnings, *result.warnings],
+            warnings=warnings,
         )
 
-    error_message = f"{last_error} (after {max_attempts} attempt{'s' if max_attempts != 1 else ''})"
+    error_message = f"{last_error} (after {_attempts(attempt)}"
+    if fits:
+        error_message += f", the last with a {max(image.width, image.height)} px image and max_tokens {page_options.max_tokens}"
+    error_message += ")"
     common: dict[str, Any] = dict(
-        attempts=max_attempts,
+        attempts=attempt,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         latency_ms=last_latency,
         finish_reason=last_finish,
     )
+    if isinstance(last_error, RepetitiveOutput):
+        warning = PageWarning(code="repetition", message=f"{error_message}; the repeats were collapsed to one copy.")
+        return PageResult(text=last_text, warnings=[*image.warnings, warning], **common)
     if fallback_text is not None:
         try:
             text = (await fallback_text()).strip()
@@ -136,4 +203,9 @@ async def ocr_page_with_retries(
                 text=text, fallback=True, error=error_message, metadata={"fallback": "text_layer"},
                 warnings=[*image.warnings, warning], **common,
             )
+    if isinstance(last_error, EmptyAnswer):
+        warning = PageWarning(
+            code="empty", message=f"The model read no text on this page, although it is not blank ({_attempts(attempt)})."
+        )
+        return PageResult(text="", warnings=[*image.warnings, warning], **common)
     return PageResult(status="failed", text=last_text, error=error_message, warnings=list(image.warnings), **common)

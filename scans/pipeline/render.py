@@ -63,7 +63,8 @@ def _neutral_to_gray(image: Image.Image) -> Image.Image:
     return image
 
 
-def _encode(image: Image.Image, number: int, image_format: str, rotation: int) -> PageImage:
+def encode_page(image: Image.Image, number: int, image_format: str, rotation: int) -> PageImage:
+    """A rendered page as the PNG or JPEG sent to the model (grey pages as one channel)."""
     image = _neutral_to_gray(image)
     buffer = io.BytesIO()
     if image_format == "jpeg":
@@ -211,7 +212,7 @@ def render_page(pdf: PdfPages | None, path: Path, number: int, longest_side: int
         image = pdf.render(number, longest_side=longest_side, rotation=rotation)
     else:
         image = _render_image(path, number, longest_side, rotation)
-    return _encode(image, number, image_format, rotation)
+    return encode_page(image, number, image_format, rotation)
 
 
 def render_page_sync(

@@ -13,8 +13,22 @@ Knobs (environment variables):
   FAKE_VLLM_429_RATE        fraction answered 429 (with Retry-After: FAKE_VLLM_RETRY_AFTER, default 1)
   FAKE_VLLM_FINISH_LENGTH_RATE  fraction of answers cut in half with finish_reason "length"
   FAKE_VLLM_BAD_OUTPUT_RATE     fraction of answers that are unusable prose (no "PAGE", no front matter)
-  FAKE_VLLM_SCRIPT          JSON {"<page>": ["500"|"429"|"length"|"garbage"|"hang"|"drop"|"ok", ...]}: outcomes of
-                            that page's successive requests, then "ok" (deterministic retry tests)
+  FAKE_VLLM_SCRIPT          JSON {"<page>": [outcome, ...]}: outcomes of that page's successive requests, then "ok"
+                            (deterministic retry tests). Outcomes: ok, 500, 429, length (cut in half), garbage (prose),
+                            hang, drop (connection closed), hold (answered once FAKE_VLLM_STATE_DIR/release or
+                            release-<page> exists; hold:<outcome> then answers with that outcome), think_forever
+                            (reasons until max_tokens, never answers), empty (answers nothing), loop / loop_phrase
+                            (a table row / a phrase repeated until max_tokens),
+                            html_502 / html_503 / html_504 (the HTML error page of an nginx / AWS load balancer /
+                            Cloudflare proxy in front of the server), 401 (as if the API key had just been revoked)
+  FAKE_VLLM_THINKING        the model reasons before answering: inline (it writes <think>...</think> itself) or
+                            template (its chat template opens <think>, so the answer starts inside it: ...</think>);
+                            `serve --reasoning-parser X` moves the reasoning to the message's reasoning field, and
+                            chat_template_kwargs {"enable_thinking": false} in the request turns thinking off
+  FAKE_VLLM_REASONING_FIELD the message field of parsed reasoning: reasoning_content (vLLM 0.11, default) | reasoning
+  FAKE_VLLM_MODELS_WITHOUT_MAX_LEN  1: /v1/models lists the models without max_model_len (as gateways in front of vLLM do)
+  FAKE_VLLM_PAGE_TOKEN_FACTOR  "<page>:<factor>,...": those pages' images cost factor x the tokens of other images of
+                            their size (as if tiled at a far higher resolution), to overflow max_model_len
   FAKE_VLLM_SEED            seed for the rates above
   FAKE_VLLM_HANG_AFTER      after N answered chat requests every endpoint (even /health) stops answering
   FAKE_VLLM_CRASH_AFTER     after N answered chat requests the API process exits 1, its EngineCore left behind
@@ -29,6 +43,10 @@ Knobs (environment variables):
   FAKE_VLLM_MAX_LIFETIME    the whole double exits (code 3) after this many seconds, default 600
   FAKE_VLLM_ORPHAN_LINGER   seconds the EngineCore child outlives a parent that died abnormally, default 120
   FAKE_VLLM_PYTHON          interpreter used by the `vllm` script (default: the project's .venv)
+
+Answers follow vLLM 0.11: one token per 28x28 px of image and per 4 characters of text; a prompt or max_tokens
+that does not fit --max-model-len (default 32768) gets vLLM's own 400 messages, an answer that reaches it is cut
+off ("length"). A page image without a marker that is blank (near-uniform) gets an empty answer, as a model's.
 """
 
 from __future__ import annotations
@@ -108,9 +126,23 @@ class Knobs:
     access_log: bool = field(default_factory=lambda: os.environ.get("FAKE_VLLM_ACCESS_LOG", "1") != "0")
     decode: str = field(default_factory=lambda: os.environ.get("FAKE_VLLM_DECODE", "fast"))
     require_hf_token: str = field(default_factory=lambda: os.environ.get("FAKE_VLLM_REQUIRE_HF_TOKEN", ""))
+    thinking: str = field(default_factory=lambda: os.environ.get("FAKE_VLLM_THINKING", "").strip())
+    reasoning_field: str = field(
+        default_factory=lambda: os.environ.get("FAKE_VLLM_REASONING_FIELD", "").strip() or "reasoning_content")
+    models_without_max_len: bool = field(
+        default_factory=lambda: os.environ.get("FAKE_VLLM_MODELS_WITHOUT_MAX_LEN", "") == "1")
+    page_token_factor: dict[int, float] = field(
+        default_factory=lambda: _factors(os.environ.get("FAKE_VLLM_PAGE_TOKEN_FACTOR", "")))
 
 
-OUTCOMES = {"ok", "500", "429", "length", "garbage", "hang", "drop"}
+OUTCOMES = {"ok", "500", "429", "length", "garbage", "hang", "drop", "hold", "think_forever", "empty", "loop",
+            "loop_phrase", "html_502", "html_503", "html_504", "401"}
+
+
+def _factors(raw: str) -> dict[int, float]:
+    """FAKE_VLLM_PAGE_TOKEN_FACTOR: "2:200,5:3" -> {2: 200.0, 5: 3.0}."""
+    pairs = (part.split(":", 1) for part in raw.replace(" ", "").split(",") if part)
+    return {int(page): float(factor) for page, factor in pairs}
 
 
 def _script(raw: str) -> dict[int, list[str]]:
@@ -121,7 +153,7 @@ def _script(raw: str) -> dict[int, list[str]]:
     parsed = json.loads(raw)
     script = {int(page): [str(o) for o in outcomes] for page, outcomes in parsed.items()}
     for outcomes in script.values():
-        unknown = set(outcomes) - OUTCOMES
+        unknown = {o.removeprefix("hold:") for o in outcomes} - OUTCOMES
         if unknown:
             raise SystemExit(f"FAKE_VLLM_SCRIPT: unknown outcome(s) {sorted(unknown)}; known: {sorted(OUTCOMES)}")
     return script
@@ -600,9 +632,38 @@ class Chat:
         image = decode_image(images[0], fast=self.state.knobs.decode != "full") if images else None
         return body, prompt, image
 
-    def respond(self, body: dict, prompt: str, image, outcome: str, page: int | None, rotation: int) -> tuple[int, dict, dict]:
-        args, knobs = self.state.args, self.state.knobs
+    def check_context(self, prompt: str, image, page: int | None, max_tokens: int | None) -> int:
+        """The prompt's tokens, or vLLM 0.11's 400 for a request that does not fit --max-model-len: the text
+        prompt and max_tokens are checked first (serving_engine.py `_validate_input`), then the prompt with
+        the image's tokens (the V1 engine's processor)."""
+        limit = self.state.args.max_model_len
+        text_tokens = _tokens(prompt)
+        if text_tokens >= limit:
+            raise HTTPError(400, error_body(
+                f"This model's maximum context length is {limit} tokens. However, your request has {text_tokens} "
+                "input tokens. Please reduce the length of the input messages.", "BadRequestError", 400))
+        if max_tokens is not None and text_tokens + max_tokens > limit:
+            raise HTTPError(400, error_body(
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context "
+                f"length is {limit} tokens and your request has {text_tokens} input tokens ({max_tokens} > {limit} "
+                f"- {text_tokens}).", "BadRequestError", 400))
+        if image is None:
+            return text_tokens
+        prompt_tokens = text_tokens + round(_image_tokens(image) * self.state.knobs.page_token_factor.get(page, 1))
+        if prompt_tokens > limit:
+            raise HTTPError(400, error_body(
+                f"The decoder prompt (length {prompt_tokens}) is longer than the maximum model length of {limit}. "
+                "Make sure that `max_model_len` is no smaller than the number of text tokens plus multimodal tokens. "
+                "For image inputs, the number of image tokens depends on the number of images, and possibly their "
+                "aspect ratios as well.", "BadRequestError", 400))
+        return prompt_tokens
+
+    def page_text(self, prompt: str, image, outcome: str, page: int | None, rotation: int) -> str:
+        """What the model reads on the page (before any reasoning), "" for a blank page."""
+        knobs = self.state.knobs
         label = "?" if page is None else str(page)
+        if page is None and image is not None and _is_blank(image.full()):
+            return ""
         olmocr = "front matter" in prompt.lower() or "primary_language" in prompt
         if olmocr:
             target = 90 if page in knobs.rotated_pages else 0
@@ -611,21 +672,39 @@ class Chat:
             text = _olmocr_text(label, correction == 0, correction)
         else:
             text = _markdown_text(label)
-        finish = "stop"
         if outcome == "garbage" or (outcome == "ok" and self.state.chance(knobs.bad_output_rate)):
-            text = "I'm sorry, I cannot read this page."
-        elif outcome == "length" or (outcome == "ok" and self.state.chance(knobs.finish_length_rate)):
-            text, finish = text[: max(1, len(text) // 2)], "length"
+            return "I'm sorry, I cannot read this page."
+        if outcome == "empty":
+            return ""
+        if outcome == "loop":
+            return f"# PAGE {label}\n\n| Item | Quantity |\n|---|---|\n" + "| Item | 1 |\n" * 50_000
+        if outcome == "loop_phrase":
+            return f"# PAGE {label}\n\nThe terms and conditions apply " + "to the terms and conditions " * 20_000
+        return text
+
+    def respond(self, body: dict, prompt: str, image, outcome: str, page: int | None, rotation: int) -> tuple[int, dict, dict]:
+        args, knobs = self.state.args, self.state.knobs
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        if isinstance(max_tokens, int) and max_tokens > 0 and _tokens(text) > max_tokens:
-            text, finish = text[: max_tokens * 4], "length"
-        prompt_tokens = _tokens(prompt) + (_image_tokens(image) if image is not None else 0)
-        completion_tokens = _tokens(text)
-        if prompt_tokens + completion_tokens > args.max_model_len:
-            raise HTTPError(400, error_body(
-                f"This model's maximum context length is {args.max_model_len} tokens. However, you requested "
-                f"{prompt_tokens + completion_tokens} tokens. Please reduce the length of the messages or completion.",
-                "BadRequestError", 400))
+        max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
+        prompt_tokens = self.check_context(prompt, image, page, max_tokens)
+        budget = args.max_model_len - prompt_tokens if max_tokens is None else min(max_tokens, args.max_model_len - prompt_tokens)
+        text = self.page_text(prompt, image, outcome, page, rotation)
+        finish = "stop"
+        if outcome == "length" or (outcome == "ok" and self.state.chance(knobs.finish_length_rate)):
+            text, finish = text[: max(1, len(text) // 2)], "length"
+        kwargs = body.get("chat_template_kwargs")
+        thinking_off = isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False
+        thinking = "" if thinking_off else knobs.thinking
+        forever = outcome == "think_forever" and not thinking_off
+        if forever:
+            thinking = thinking or "inline"
+        output = _generated(thinking, _reasoning_prose(page, forever=forever), text, answers=not forever)
+        if _tokens(output) > budget:
+            output, finish = output[: budget * 4], "length"
+        message: dict = {"role": "assistant", "content": output, knobs.reasoning_field: None, "tool_calls": []}
+        if thinking and args.other.get("reasoning-parser"):
+            message["content"], message[knobs.reasoning_field] = _parse_reasoning(output)
+        completion_tokens = _tokens(output)
         response = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -633,7 +712,7 @@ class Chat:
             "model": body["model"],
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": []},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish,
                 "stop_reason": None,
@@ -643,6 +722,52 @@ class Chat:
             "prompt_logprobs": None,
         }
         return 200, response, {"finish_reason": finish}
+
+
+def _reasoning_prose(page: int | None, forever: bool) -> str:
+    label = "?" if page is None else page
+    first = (f"Okay, let me look at this page. The user wants it transcribed as Markdown. I can see a heading, "
+             f"PAGE {label}, then a short paragraph and a list of two points. Let me write it out carefully.")
+    if not forever:
+        return first
+    return first + " Wait, let me check the heading again, and the spacing of the list." * 5_000
+
+
+def _generated(thinking: str, reasoning: str, text: str, *, answers: bool) -> str:
+    """The model's raw output. A thinking model reasons first; its chat template may have opened the block."""
+    if not thinking:
+        return text
+    opening = "<think>\n" if thinking == "inline" else ""
+    return opening + reasoning + ("\n</think>\n\n" + text if answers else "")
+
+
+def _parse_reasoning(output: str) -> tuple[str | None, str | None]:
+    """(content, reasoning) as vLLM's think-tag reasoning parsers (qwen3, deepseek_r1) split the output: an
+    unclosed block is all reasoning; an empty part is null."""
+    output = output.partition("<think>")[2] or output
+    if "</think>" in output:
+        reasoning, _, content = output.partition("</think>")
+        return content or None, reasoning or None
+    return None, output or None
+
+
+def _is_blank(image) -> bool:
+    from PIL import ImageStat
+
+    return ImageStat.Stat(image.convert("L")).stddev[0] < 12
+
+
+PROXY_PAGES = {
+    "html_502": (502, "nginx/1.24.0", "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+                 "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"),
+    "html_503": (503, "awselb/2.0", "<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n"
+                 "<body>\r\n<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n</body>\r\n</html>\r\n"),
+    "html_504": (504, "cloudflare", "<!DOCTYPE html>\n<!--[if lt IE 7]> <html class=\"no-js ie6 oldie\" lang=\"en-US\"> "
+                 "<![endif]-->\n<html class=\"no-js\" lang=\"en-US\">\n<head>\n<title>ocr.example.com | 504: Gateway "
+                 "time-out</title>\n<meta charset=\"UTF-8\" />\n</head>\n<body>\n<div id=\"cf-wrapper\">\n<h1>"
+                 "<span class=\"inline-block\">Gateway time-out</span> <span class=\"code-label\">Error code 504</span>"
+                 "</h1>\n<p>The web server reported a gateway time-out error.</p>\n</div>\n</body>\n</html>\n"),
+}
 
 
 def _tokens(text: str) -> int:
@@ -724,6 +849,9 @@ class Handler(BaseHTTPRequestHandler):
                                 "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
                                 "allow_fine_tuning": False, "organization": "*", "group": None, "is_blocking": False}],
             } for name in args.served_model_names]
+            if self.state.knobs.models_without_max_len:
+                for card in data:
+                    del card["max_model_len"]
             return self._send(200, {"object": "list", "data": data})
         if path == "/v1/chat/completions":
             return self._send(405, {"detail": "Method Not Allowed"})
@@ -761,41 +889,88 @@ class Handler(BaseHTTPRequestHandler):
                     page, rotation = found
         outcome = state.next_outcome(page)
         entry = {"page_marker": page, "model": body.get("model"), "temperature": body.get("temperature"),
-                 "rotation": rotation, "max_tokens": body.get("max_tokens"), "outcome": outcome}
+                 "rotation": rotation, "max_tokens": body.get("max_tokens"), "outcome": outcome,
+                 "image_size": list(image.size) if image is not None else None,
+                 "chat_template_kwargs": body.get("chat_template_kwargs")}
+        held = outcome == "hold" or outcome.startswith("hold:")
+        if held:  # recorded on arrival, so the test sees it is held; then answered as the rest says
+            state.record(entry)
+            if not self._wait_for_release(page):
+                return
+            outcome = outcome.partition(":")[2] or "ok"
+
+        def record(entry: dict) -> None:  # each request is recorded once
+            if not held:
+                state.record(entry)
+
+        if outcome in PROXY_PAGES:  # the proxy in front of the server answers; the server never sees it
+            record(entry)
+            status, server, page_html = PROXY_PAGES[outcome]
+            return self._send_html(status, page_html, server)
+        if outcome == "401":
+            record(entry)
+            return self._send(401, {"error": "Unauthorized"})
         if outcome == "ok" and state.chance(knobs.rate_429):
             outcome = entry["outcome"] = "429"
         if outcome == "429":
-            state.record(entry)
+            record(entry)
             raise HTTPError(429, error_body("Too many requests: the server is at capacity, retry later.",
                                             "RateLimitError", 429), {"retry-after": str(knobs.retry_after)})
         with state.capacity:
             if knobs.latency > 0:
                 state.stopping.wait(knobs.latency)
             if outcome == "hang":
-                state.record(entry)
+                record(entry)
                 state.stopping.wait()
                 self.close_connection = True
                 return
             if outcome == "drop":
-                state.record(entry)
+                record(entry)
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
             if outcome == "ok" and state.chance(knobs.error_rate):
                 outcome = entry["outcome"] = "500"
             if outcome == "500":
-                state.record(entry)
+                record(entry)
                 self._send(500, error_body("EngineCore encountered an issue. See stack trace (above) for the root cause.",
                                            "InternalServerError", 500))
                 self._finish_chat()
                 return
-            status, response, extra = chat.respond(body, prompt, image, outcome, page, rotation)
+            try:
+                status, response, extra = chat.respond(body, prompt, image, outcome, page, rotation)
+            except HTTPError as exc:
+                entry.update(outcome=str(exc.status), error=exc.body["error"]["message"])
+                record(entry)
+                raise
         if extra["finish_reason"] == "length" and entry["outcome"] == "ok":
             entry["outcome"] = "length"
         entry["finish_reason"] = extra["finish_reason"]
-        state.record(entry)
+        record(entry)
         self._send(status, response)
         self._finish_chat()
+
+    def _wait_for_release(self, page: int | None) -> bool:
+        """Hold a request until the test creates `release` (or `release-<page>`) in FAKE_VLLM_STATE_DIR;
+        False when the server stops first."""
+        folder = Path(self.state.knobs.state_dir or ".")
+        while not ((folder / "release").exists() or (folder / f"release-{page}").exists()):
+            if self.state.stopping.wait(0.02):
+                self.close_connection = True
+                return False
+        return True
+
+    def _send_html(self, status: int, page: str, server: str) -> None:
+        payload = page.encode()
+        self.send_response_only(status)  # the proxy's own headers, not uvicorn's
+        self.send_header("server", server)
+        self.send_header("date", self.date_time_string())
+        self.send_header("content-type", "text/html" if server != "cloudflare" else "text/html; charset=UTF-8")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.wfile.flush()
+        self._access(status)
 
     def _finish_chat(self) -> None:
         state, knobs = self.state, self.state.knobs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vllm_control.forms import VLMSettingsForm
@@ -77,3 +79,30 @@ def test_page_shows_environment_variables_and_builtin_notice(staff_client, monke
 def test_saved_external_url_is_normalized(staff_client) -> None:
     staff_client.post("/settings/", form_data(mode="external", external_base_url="http://gpu:8000/"))
     assert VLMSettings.load().external_base_url == "http://gpu:8000/v1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("[1, 2]", "Enter a JSON object"),
+        ('"enable_thinking"', "Enter a JSON object"),
+        ("{not json", "Enter a valid JSON"),
+        ('{"model": "x", "max_tokens": 9}', "ocrsite sets model, max_tokens itself"),
+        ('{"messages": []}', "ocrsite sets messages itself"),
+    ],
+)
+def test_the_extra_request_body_must_be_an_object_that_leaves_ocrsites_fields_alone(staff_client, raw, message) -> None:
+    response = staff_client.post("/settings/", form_data(extra_body=raw))
+    assert message in response.content.decode().replace("&quot;", '"')
+    assert VLMSettings.load().extra_body == {}
+
+
+def test_the_extra_request_body_is_saved_and_used_for_ocr(staff_client) -> None:
+    from scans.pipeline.options import ocr_config
+
+    body = {"chat_template_kwargs": {"enable_thinking": False}, "repetition_penalty": 1.05}
+    response = staff_client.post("/settings/", form_data(extra_body=json.dumps(body)), follow=True)
+    assert "Settings saved." in response.content.decode()
+    assert VLMSettings.load().extra_body == body and ocr_config(VLMSettings.load()).extra_body == body
+    staff_client.post("/settings/", form_data(extra_body=""))
+    assert VLMSettings.load().extra_body == {}

@@ -114,3 +114,28 @@ def test_failed_pages_exit_1_and_can_be_retried(tmp_path, data_dir, env):
     assert summary(retry.stdout) == (1, 3, 0, 0)
     assert query(data_dir, "SELECT status FROM scans_scan") == [("done",)]
     assert all(f"PAGE {n}" in (out / "doc.md").read_text() for n in (1, 2, 3))
+
+
+def test_a_page_that_never_fits_the_context_fails_alone_in_every_export(tmp_path, data_dir, env):
+    pdf = make_pdf(tmp_path / "doc.pdf", 3)
+    out = tmp_path / "out"
+    with fake_vllm(tmp_path, env={"FAKE_VLLM_PAGE_TOKEN_FACTOR": "2:400"}) as server:
+        first = manage(["ocr", str(pdf), "--base-url", server.base_url, "--model", MODEL, "--out", str(out)], env)
+        scan_id = query(data_dir, "SELECT id FROM scans_scan")[0][0]
+        retries = [
+            manage(["ocr", "--retry-failed", str(scan_id), "--format", fmt, "--out", str(out)], env) for fmt in ("txt", "json")
+        ]
+        markers = [r["page_marker"] for r in server.requests()]
+    for result in (first, *retries):
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert summary(result.stdout) == (1, 3, 1, 0) and "Traceback" not in result.stderr
+    assert "page 2/3 failed FAILED: The page does not fit the model's context (32768 tokens)" in first.stderr
+    assert sorted(markers) == [1, 2, 2, 2, 2, 2, 2, 3]  # each retry resent page 2 only (and tried it smaller)
+    assert query(data_dir, "SELECT status FROM scans_scan") == [("done_with_errors",)]
+    markdown, text = (out / "doc.md").read_text(), (out / "doc.txt").read_text()
+    pages = json.loads((out / "doc.json").read_text())["pages"]
+    for number in (1, 3):
+        assert f"PAGE {number}\n" in markdown and f"PAGE {number}\n" in text
+        assert pages[number - 1]["status"] == "done" and pages[number - 1]["text"].startswith(f"# PAGE {number}\n")
+    assert "PAGE 2" not in markdown + text and "page 2: OCR failed: The page does not fit" in markdown
+    assert pages[1]["status"] == "failed" and 'Lower "Target longest side"' in pages[1]["error"]

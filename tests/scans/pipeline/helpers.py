@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from scans.pipeline.types import PageImage
+from scans.pipeline.vllm_engine import VLLMEngine
 from tests.fakes.pages import page_image
 from tests.support import FAKE_VLLM, free_port, kill_group, port_open, wait_until
 from scans.pipeline.options import OCRConfig
@@ -103,3 +104,27 @@ def decode(page: PageImage) -> Image.Image:
     image = Image.open(io.BytesIO(page.data))
     image.load()
     return image
+
+
+def engine_for(server: FakeServer, **kwargs) -> VLLMEngine:
+    """The real engine client, pointed at a running double."""
+    options = {"timeout_s": 10, "max_in_flight": 8, **kwargs}
+    model = options.pop("model", MODEL)
+    api_key = options.pop("api_key", "")
+    return VLLMEngine(server.base_url.removesuffix("/v1"), model, api_key, **options)
+
+
+def sent(server: FakeServer, page: int | None) -> list[dict]:
+    """The chat requests the double received for the page with marker `page`, in order."""
+    return [entry for entry in server.requests() if entry["page_marker"] == page]
+
+
+class Sleeps(list):
+    """A stand-in for asyncio.sleep that records the backoff delays instead of waiting."""
+
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+async def no_rerender(rotation: int) -> PageImage:
+    raise AssertionError("no re-render expected")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 
 import pytest
+from PIL import Image
 
-from scans.pipeline.errors import OutputRejected, PermanentEngineError, TransientEngineError
+from scans.pipeline.errors import (
+    ContextLimitExceeded,
+    EmptyAnswer,
+    OutputRejected,
+    PermanentEngineError,
+    RepetitiveOutput,
+    TransientEngineError,
+)
 from scans.pipeline.page_ocr import (
     BACKOFF_CAP_S,
     backoff_delay,
@@ -219,3 +228,80 @@ async def test_cancellation_during_backoff() -> None:
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 1)
     assert len(engine.calls) == 1
+
+
+# --- answers that are judged: context, empty, loops -------------------------------------------------------
+
+
+class RecordingEngine(ScriptedEngine):
+    """Also records the max_tokens each call was given."""
+
+    def __init__(self, *script) -> None:
+        super().__init__(*script)
+        self.max_tokens: list[int] = []
+
+    async def ocr_page(self, image, options, *, temperature=None):
+        self.max_tokens.append(options.max_tokens)
+        return await super().ocr_page(image, options, temperature=temperature)
+
+
+def too_long(kind="prompt", limit=8192, prompt=20000, **extra) -> ContextLimitExceeded:
+    return ContextLimitExceeded("does not fit", too_long=kind, max_model_len=limit, prompt_tokens=prompt, max_tokens=4096, **extra)
+
+
+async def test_a_page_that_does_not_fit_is_sent_smaller_without_using_a_retry() -> None:
+    engine = RecordingEngine(too_long(), PageResult("PAGE 1", 9000, 40))
+    outcome = await ocr_page_with_retries(
+        engine, marked_page(1, size=(850, 1100)), ocr_options(page_retries=0, max_tokens=4096), rerender=no_rerender
+    )
+    assert outcome.status == "done" and outcome.text == "PAGE 1" and outcome.attempts == 2
+    first, second = (image for image, _ in engine.calls)
+    assert (first.width, first.height) == (850, 1100) and max(second.width, second.height) < 1100
+    assert engine.max_tokens[0] == 4096 and engine.max_tokens[1] <= 4096
+    assert [t for _, t in engine.calls] == [0.0, 0.0]  # not a rejected answer: same temperature
+
+
+async def test_an_answer_cut_off_by_the_context_of_a_small_page_fails_keeping_its_text() -> None:
+    cut = too_long("answer", 8192, 2000, text="PAGE 1 and then", finish_reason="length", input_tokens=2000, output_tokens=6192)
+    engine = RecordingEngine(cut, PageResult("never"))
+    outcome = await ocr_page_with_retries(engine, marked_page(1), ocr_options(), rerender=no_rerender)
+    assert (outcome.status, outcome.text, outcome.attempts, outcome.finish_reason) == ("failed", "PAGE 1 and then", 1, "length")
+    assert (outcome.input_tokens, outcome.output_tokens) == (2000, 6192) and len(engine.calls) == 1
+
+
+async def test_an_empty_answer_falls_back_to_the_text_layer() -> None:
+    engine = ScriptedEngine(EmptyAnswer("The model answered with no text."), EmptyAnswer("The model answered with no text."))
+
+    async def fallback():
+        return "Text layer of page 1"
+
+    outcome = await ocr_page_with_retries(
+        engine, marked_page(1), ocr_options(page_retries=1), rerender=no_rerender, fallback_text=fallback
+    )
+    assert (outcome.status, outcome.fallback, outcome.text) == ("done", True, "Text layer of page 1")
+    assert [w["code"] for w in outcome.warnings] == ["fallback"]
+
+
+async def test_a_persistent_loop_keeps_the_models_text_even_with_a_text_layer() -> None:
+    engine = ScriptedEngine(RepetitiveOutput("The model looped", text="PAGE 1\n| a |", finish_reason="length"))
+
+    async def fallback():
+        raise AssertionError("the collapsed OCR text is kept")
+
+    outcome = await ocr_page_with_retries(
+        engine, marked_page(1), ocr_options(page_retries=0), rerender=no_rerender, fallback_text=fallback
+    )
+    assert (outcome.status, outcome.text, outcome.error) == ("done", "PAGE 1\n| a |", "")
+    assert [w["code"] for w in outcome.warnings] == ["repetition"]
+
+
+@pytest.mark.parametrize(("blank", "code"), [(True, "blank"), (False, "empty")])
+async def test_an_engine_that_reads_nothing_gets_a_warning(blank: bool, code: str) -> None:
+    image = marked_page(1)
+    if blank:
+        buffer = io.BytesIO()
+        Image.new("L", (400, 520), 255).save(buffer, format="PNG")
+        image = PageImage(number=1, data=buffer.getvalue(), mime="image/png", width=400, height=520)
+    engine = ScriptedEngine(PageResult(""))  # e.g. the built-in engine on a page without text
+    outcome = await ocr_page_with_retries(engine, image, ocr_options(), rerender=no_rerender)
+    assert (outcome.status, outcome.attempts) == ("done", 1) and [w["code"] for w in outcome.warnings] == [code]

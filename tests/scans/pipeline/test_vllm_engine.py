@@ -11,7 +11,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from scans.pipeline.errors import OutputRejected, PermanentEngineError, RequestRejected, TransientEngineError
+from scans.pipeline.errors import (
+    ContextLimitExceeded,
+    OutputRejected,
+    PermanentEngineError,
+    ReasoningOnly,
+    RepetitiveOutput,
+    RequestRejected,
+    TransientEngineError,
+)
 from scans.pipeline.vllm_engine import VLLMEngine
 from tests.fakes.pages import read_marker
 from tests.scans.pipeline.helpers import MODEL, marked_page, ocr_options
@@ -46,7 +54,8 @@ async def test_request_shape_and_result(base_url: str) -> None:
 
     engine = engine_with(handler, base_url=base_url, api_key="sekret")
     result = await engine.ocr_page(marked_page(3), ocr_options(max_tokens=321, temperature=0.25))
-    request = seen[0]
+    models, request = seen  # the served model's max_model_len is read first
+    assert models.method == "GET" and str(models.url) == "http://vllm.test:8000/v1/models"
     assert request.method == "POST" and str(request.url) == "http://vllm.test:8000/v1/chat/completions"
     assert request.headers["authorization"] == "Bearer sekret"
     body = json.loads(request.content)
@@ -72,8 +81,8 @@ async def test_temperature_override_and_no_key_means_no_header() -> None:
 
     engine = engine_with(handler)
     await engine.ocr_page(marked_page(1), ocr_options(temperature=0.0), temperature=0.8)
-    assert json.loads(seen[0].content)["temperature"] == 0.8
-    assert "authorization" not in seen[0].headers
+    assert json.loads(seen[-1].content)["temperature"] == 0.8
+    assert all("authorization" not in request.headers for request in seen)
 
 
 async def test_olmocr_metadata_is_parsed() -> None:
@@ -202,3 +211,120 @@ async def test_cancellation_is_prompt() -> None:
 def test_a_timeout_is_required() -> None:
     with pytest.raises(ValueError):
         VLLMEngine("http://x", MODEL, timeout_s=0, max_in_flight=1)
+
+
+# --- answers from the real world -----------------------------------------------------------------------
+
+
+def message_answer(message: dict, finish_reason: str = "stop", prompt_tokens: int = 700, completion_tokens: int = 42) -> dict:
+    body = completion("", finish_reason, prompt_tokens, completion_tokens)
+    body["choices"][0]["message"] = {"role": "assistant", **message}
+    return body
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"content": None, "reasoning_content": "The page shows PAGE 1."},  # vLLM 0.11 with --reasoning-parser
+        {"content": None, "reasoning": "The page shows PAGE 1."},  # later vLLM, OpenRouter, Ollama
+        {"content": "\n\n  ", "reasoning_content": "The page shows PAGE 1."},
+        {"content": "<think>The page shows PAGE 1.</think>"},
+    ],
+)
+async def test_an_answer_of_reasoning_only_is_rejected_without_its_reasoning(message: dict) -> None:
+    engine = engine_with(lambda r: httpx.Response(200, json=message_answer(message)))
+    with pytest.raises(ReasoningOnly) as caught:
+        await engine.ocr_page(marked_page(1), ocr_options())
+    assert caught.value.text == "" and caught.value.output_tokens == 42
+    assert "reasoning only" in str(caught.value) and "enable_thinking" in str(caught.value)
+
+
+async def test_text_before_an_unclosed_reasoning_block_is_kept_with_a_warning() -> None:
+    engine = engine_with(lambda r: httpx.Response(200, json=completion("# PAGE 1\n\nText.\n<think>Hmm, did I miss")))
+    result = await engine.ocr_page(marked_page(1), ocr_options())
+    assert result.text == "# PAGE 1\n\nText." and [w["code"] for w in result.warnings] == ["reasoning"]
+
+
+async def test_a_loop_that_stopped_by_itself_is_found_too() -> None:
+    text = "# PAGE 1\n" + "| Total | 0 |\n" * 60
+    engine = engine_with(lambda r: httpx.Response(200, json=completion(text)))
+    with pytest.raises(RepetitiveOutput) as caught:
+        await engine.ocr_page(marked_page(1), ocr_options())
+    assert caught.value.text == "# PAGE 1\n| Total | 0 |" and "60 times" in str(caught.value)
+
+
+def models_then(answer: httpx.Response, max_model_len: int | None = 4096):
+    calls = {"models": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            calls["models"] += 1
+            card = {"id": MODEL, "object": "model", **({"max_model_len": max_model_len} if max_model_len else {})}
+            return httpx.Response(200, json={"object": "list", "data": [card]})
+        return answer
+
+    return handler, calls
+
+
+async def test_an_answer_cut_off_by_the_context_not_max_tokens() -> None:
+    answer = httpx.Response(200, json=completion("# PAGE 1\n\nA long page", "length", prompt_tokens=3800, completion_tokens=296))
+    handler, _ = models_then(answer, 4096)
+    engine = engine_with(handler)
+    with pytest.raises(ContextLimitExceeded) as caught:
+        await engine.ocr_page(marked_page(1), ocr_options(max_tokens=512))
+    error = caught.value
+    assert (error.too_long, error.max_model_len, error.prompt_tokens, error.text) == ("answer", 4096, 3800, "# PAGE 1\n\nA long page")
+    assert "3800 for the page, 296 for the answer" in str(error) and "--max-model-len" in str(error)
+
+
+async def test_max_model_len_is_read_once_for_all_pages() -> None:
+    handler, calls = models_then(httpx.Response(200, json=completion("x")), 8192)
+    engine = engine_with(handler)
+    await asyncio.gather(*(engine.ocr_page(marked_page(n), ocr_options()) for n in range(1, 6)))
+    assert calls["models"] == 1 and await engine.max_model_len() == 8192
+
+
+async def test_a_server_that_cannot_list_its_models_is_not_asked_on_every_page() -> None:
+    calls = {"models": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            calls["models"] += 1
+            return httpx.Response(500, text="Internal Server Error")
+        return httpx.Response(200, json=completion("x"))
+
+    engine = engine_with(handler)
+    for number in range(1, 4):
+        await engine.ocr_page(marked_page(number), ocr_options())
+    assert calls["models"] == 1 and await engine.max_model_len() is None
+
+
+NGINX_413 = (
+    "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n"
+    "<center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "message"),
+    [
+        (httpx.Response(413, text=NGINX_413, headers={"content-type": "text/html"}), RequestRejected,
+         "The server rejected this page's request: HTTP 413 Request Entity Too Large from the server at "
+         "http://vllm.test:8000/v1 (an HTML error page: a proxy or gateway in front of the model server answered)"),
+        (httpx.Response(503, text="upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                        headers={"content-type": "text/plain"}), TransientEngineError,  # Envoy
+         "HTTP 503 Service Unavailable from the server at http://vllm.test:8000/v1: upstream connect error or "
+         "disconnect/reset before headers. reset reason: connection failure"),
+        (httpx.Response(520, text="<!DOCTYPE html><html><head><title>520</title></head></html>"), TransientEngineError,
+         "HTTP 520 from the server at http://vllm.test:8000/v1 (an HTML error page: a proxy or gateway in front of "
+         "the model server answered)"),  # Cloudflare's own status, no standard phrase
+        (httpx.Response(200, text="<!DOCTYPE html>\n<html><body><form>Sign in</form></body></html>"), TransientEngineError,
+         "The server's answer is not an OpenAI chat completion: HTTP 200 OK from the server at http://vllm.test:8000/v1 "
+         "(an HTML error page: a proxy or gateway in front of the model server answered)"),  # a login page
+    ],
+)
+async def test_error_pages_become_one_readable_line(response: httpx.Response, error: type, message: str) -> None:
+    engine = engine_with(lambda r: response)
+    with pytest.raises(error) as caught:
+        await engine.ocr_page(marked_page(1), ocr_options())
+    assert str(caught.value) == message

@@ -13,9 +13,20 @@ from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.page_ocr import ocr_page_with_retries
 from scans.pipeline.page_source import PageSource
 from scans.pipeline.render import pdf_page_text, render_page_sync
-from scans.pipeline.vllm_engine import VLLMEngine
 from tests.fakes.pages import make_pdf
-from tests.scans.pipeline.helpers import MODEL, FakeServer, fake_vllm, marked_page, ocr_options, start_fake_vllm, stop_fake_vllm
+from tests.scans.pipeline.helpers import (
+    MODEL,
+    FakeServer,
+    Sleeps,
+    engine_for,
+    fake_vllm,
+    marked_page,
+    no_rerender,
+    ocr_options,
+    sent,
+    start_fake_vllm,
+    stop_fake_vllm,
+)
 
 # Pages (by marker) whose successive requests the shared double answers as scripted, then "ok".
 SCRIPT = {
@@ -30,11 +41,6 @@ SCRIPT = {
 ROTATED = 120
 
 
-class Sleeps(list):
-    async def __call__(self, seconds: float) -> None:
-        self.append(seconds)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> FakeServer:
     server = start_fake_vllm(
@@ -47,21 +53,6 @@ def server(tmp_path_factory) -> FakeServer:
     )
     yield server
     stop_fake_vllm(server)
-
-
-def engine_for(server: FakeServer, **kwargs) -> VLLMEngine:
-    options = {"timeout_s": 10, "max_in_flight": 8, **kwargs}
-    model = options.pop("model", MODEL)
-    api_key = options.pop("api_key", "")
-    return VLLMEngine(server.base_url.removesuffix("/v1"), model, api_key, **options)
-
-
-def sent(server: FakeServer, page: int) -> list[dict]:
-    return [entry for entry in server.requests() if entry["page_marker"] == page]
-
-
-async def no_rerender(rotation: int):
-    raise AssertionError("no re-render expected")
 
 
 async def test_each_page_text_comes_from_that_page(server: FakeServer, tmp_path: Path) -> None:
