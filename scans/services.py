@@ -331,14 +331,14 @@ def finish_completed_scans() -> list[int]:
 
 def fail_scan(*, scan_id: int, error: str) -> bool:
     """A problem that concerns every page (no model server, a rejected key, an unknown model): the scan
-    fails with `error`; pages already done are kept and exported, the others can be retried."""
+    fails with `error` and no more of its pages are sent. Requests already out may still answer: their
+    pages are committed when they do. Done pages are kept and exported; the others can be retried."""
     with transaction.atomic():
         changed = Scan.objects.filter(pk=scan_id, status__in=Scan.ACTIVE).update(
             status=Scan.Status.FAILED, error=error, finished_at=timezone.now()
         )
         if changed:
             publish_scan_on_commit(scan_id)
-            transaction.on_commit(lambda: queue_signals.notify_cancelled(scan_id))
     return bool(changed)
 
 

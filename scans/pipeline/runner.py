@@ -186,8 +186,8 @@ class Runner:
             loop.call_soon_threadsafe(self._drop_scan, scan_id)
 
     def _drop_scan(self, scan_id: int) -> None:
-        """The scan is no longer active (cancelled, failed, deleted): stop its requests in flight.
-        Each page's task gives its page back unless its answer is already on its way to the database."""
+        """The scan was cancelled or deleted: stop its requests in flight. Each page's task gives its
+        page back unless its answer is already on its way to the database."""
         for (task_scan, _), task in list(self._tasks.items()):
             if task_scan == scan_id:
                 task.cancel()
@@ -277,16 +277,24 @@ class Runner:
                 statuses = await _db(selectors.scan_statuses, scan_ids=watched)
                 for scan_id in watched:
                     if statuses.get(scan_id) not in Scan.ACTIVE:
-                        self._scan_ended(scan_id)
+                        self._scan_ended(scan_id, statuses.get(scan_id))
         except asyncio.CancelledError:
             raise
         except Exception:  # e.g. the database was busy for too long: try again next time
             logger.warning("The runner's periodic checks failed", exc_info=True)
 
-    def _scan_ended(self, scan_id: int) -> None:
+    def _scan_ended(self, scan_id: int, status: str | None) -> None:
+        """No more pages of the scan will be claimed. A cancelled or deleted scan's requests stop now; a
+        failed or finished scan's requests in flight may still answer, and their answers are kept."""
         if self._only is not None:
             self._only.discard(scan_id)
-        self._drop_scan(scan_id)
+        if status in (None, Scan.Status.CANCELLED):
+            self._drop_scan(scan_id)
+        elif not self._has_tasks(scan_id):
+            self._forget(scan_id)
+
+    def _has_tasks(self, scan_id: int) -> bool:
+        return any(task_scan == scan_id for task_scan, _ in self._tasks)
 
     async def _claim(self) -> int:
         """Fill the free slots with pages; returns how many were claimed (-1: no slot was free)."""
@@ -319,7 +327,7 @@ class Runner:
         future = self._works.get(scan_id)
         if future is None:
             if len(self._works) >= MAX_CACHED_SCANS:
-                for idle in [s for s in self._works if not any(key[0] == s for key in self._tasks)]:
+                for idle in [s for s in self._works if not self._has_tasks(s)]:
                     self._forget(idle)
             future = self._works[scan_id] = asyncio.ensure_future(self._prepare(scan_id))
         return await asyncio.shield(future)  # a cancelled page does not cancel its scan's setup
@@ -394,7 +402,7 @@ class Runner:
                 if self.on_page is not None:
                     await self.on_page(commit.page)
             if commit.scan_status not in Scan.ACTIVE:
-                self._scan_ended(scan_id)
+                self._scan_ended(scan_id, commit.scan_status)
             if result.status == Page.Status.FAILED and work.engine.name == "vllm" and work.report_failures:
                 self._report_failure(work.config)
         except asyncio.CancelledError:

@@ -14,7 +14,8 @@ from scans import exports, services
 from scans.models import Page, Scan
 from scans.pipeline.context import MIN_LONGEST_SIDE
 from scans.pipeline.runner import Runner
-from tests.scans.test_runner import fake, new_scan, owner, pages_of, short_knobs, use_external  # noqa: F401 - fixtures
+from tests.scans.conftest import new_scan, use_external
+from tests.scans.test_runner import pages_of, short_knobs  # noqa: F401 - short_knobs is an autouse fixture
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
