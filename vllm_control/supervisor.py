@@ -3,8 +3,10 @@
 One explicit state machine (TRANSITIONS below). vLLM spawns children of its own (EngineCore, workers)
 that keep the GPU when only the parent dies, so everything acts on the whole process group:
   - the child runs in its own session/process group, with a parent-death signal;
-  - its process group id is recorded in DATA_DIR so the next start kills a leftover group (checked by a
-    marker variable in the processes' environment, so a reused pid is never killed);
+  - a watchdog process per group (vllm_control.watchdog) stops the group when this process dies, however
+    it dies; a watchdog that exits early is replaced;
+  - the group and the start time of each of its processes are recorded in DATA_DIR
+    (processes.GroupRecord), so the next start kills whatever survived both, and a reused pid never;
   - stop = stop signal to the group, SIGKILL to the group after the grace period, then confirm it is empty.
 Only one process supervises a port (an flock in DATA_DIR); another process that cannot take the lock
 observes the server over HTTP instead of spawning a second one, and takes over when the lock frees.
@@ -18,13 +20,11 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
-import json
 import logging
 import os
 import signal
 import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +37,10 @@ from vllm_control.command import build_command, redact
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.external import now_iso, probe
+from vllm_control.processes import GroupRecord, await_group_gone, group_members, group_processes, signal_group
 from vllm_control.startup_errors import classify, not_found
 from vllm_control.status import ServerState, ServerStatus
+from vllm_control.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 vllm_logger = logging.getLogger("vllm_control.vllm")
@@ -55,12 +57,12 @@ TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
 }
 
-INSTANCE_MARKER = "OCRSITE_VLLM_INSTANCE"
 LOG_TAIL_LINES = 200
 STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart count
 HEALTH_FAILURES = 3  # consecutive failed health checks that count as a hang
 READINESS_POLL_S = 0.5
 GROUP_EXIT_WAIT_S = 10.0
+WATCHDOG_EXIT_WAIT_S = 5.0
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the pre-exec function must not load libraries
@@ -82,45 +84,7 @@ class RunEnd:
     ready_for_s: float = 0.0
 
 
-# --- process groups -------------------------------------------------------------------------------------
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids in process group `pgid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
-
-
-def has_marker(pid: int, instance: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return f"{INSTANCE_MARKER}={instance}".encode() in handle.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-async def wait_group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while group_members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
+# --- spawning -------------------------------------------------------------------------------------------
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -178,6 +142,7 @@ class Supervisor:
         self._listeners: list[Callable[[ServerStatus], None]] = []
         self._proc: asyncio.subprocess.Process | None = None
         self._pgid: int | None = None
+        self._watchdog: Watchdog | None = None
         self._spawned_at: float | None = None
         self._ready_since: float | None = None
         self._run_task: asyncio.Task | None = None
@@ -401,8 +366,7 @@ class Supervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         argv = build_command(self.config)
-        instance = uuid.uuid4().hex
-        env = dict(os.environ, **{INSTANCE_MARKER: instance})
+        env = dict(os.environ)
         if self.config.hf_token:
             env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = self.config.hf_token
         logger.info("Starting vLLM: %s", " ".join(redact(argv)))
@@ -418,11 +382,33 @@ class Supervisor:
             limit=1 << 20,
         )
         self._proc, self._pgid, self._spawned_at = proc, proc.pid, time.monotonic()
-        self._write_pgid_file(proc.pid, instance)
+        record = GroupRecord(pgid=proc.pid, processes=(), started_at=now_iso(), supervisor_pid=os.getpid())
+        record.with_processes(group_processes(proc.pid)).write(self.pgid_file)
         self._exit_task = asyncio.create_task(_exited(proc))
         self._reader_task = asyncio.create_task(self._read_output(proc))
+        self._watchdog = self._start_watchdog(proc.pid)
         self._changed()
         return proc
+
+    def _start_watchdog(self, pgid: int) -> Watchdog:
+        try:
+            return Watchdog.start(
+                pgid=pgid, stop_signal=self.config.stop_signal, grace_ms=self.config.stop_grace_ms, record=self.pgid_file
+            )
+        except OSError as exc:  # not FileNotFoundError for _run_once: that would blame VLLM_BIN
+            raise RuntimeError(f"Could not start the watchdog of vLLM process group {pgid}: {exc}") from exc
+
+    def _ensure_watchdog(self) -> None:
+        """A watchdog that exited while its group runs (someone killed it) is replaced."""
+        watchdog = self._watchdog
+        if self._pgid is not None and watchdog is not None and not watchdog.alive:
+            logger.warning(
+                "The watchdog of vLLM process group %d (pid %d) exited with code %s; starting a new one.",
+                self._pgid,
+                watchdog.pid,
+                watchdog.returncode,
+            )
+            self._watchdog = self._start_watchdog(self._pgid)
 
     async def _wait_for_readiness(self, proc: asyncio.subprocess.Process) -> RunEnd | None:
         deadline = time.monotonic() + self.config.start_timeout_s
@@ -431,6 +417,7 @@ class Supervisor:
             await asyncio.wait({self._exit_task}, timeout=READINESS_POLL_S)
             if self._exit_task.done():
                 return await self._startup_failure(proc)
+            self._ensure_watchdog()
             if time.monotonic() >= deadline:
                 return RunEnd(f"vLLM did not become ready within {self.config.start_timeout_s} s.", retryable=True)
             result = await self._probe(timeout=2.0, fetch_version=True)
@@ -466,6 +453,7 @@ class Supervisor:
                 await asyncio.wait({self._exit_task}, timeout=0.5)
             if self._exit_task.done():
                 continue
+            self._ensure_watchdog()
             if result.ok:
                 failures = 0
                 if self.restart_count and ready_for >= self.stable_run_s:
@@ -550,7 +538,7 @@ class Supervisor:
             return
         if graceful and group_members(pgid):
             signal_group(pgid, self.config.stop_signal)
-            if not await wait_group_gone(pgid, self.config.stop_grace_ms / 1000):
+            if not await await_group_gone(pgid, self.config.stop_grace_ms / 1000):
                 logger.warning(
                     "vLLM process group %d still running %d ms after %s; sending SIGKILL.",
                     pgid,
@@ -558,7 +546,7 @@ class Supervisor:
                     self.config.stop_signal.name,
                 )
         signal_group(pgid, signal.SIGKILL)
-        if not await wait_group_gone(pgid, GROUP_EXIT_WAIT_S):
+        if not await await_group_gone(pgid, GROUP_EXIT_WAIT_S):
             logger.error("vLLM process group %d is still alive after SIGKILL: %s", pgid, group_members(pgid))
         if self._exit_task is not None:
             await asyncio.wait({self._exit_task}, timeout=GROUP_EXIT_WAIT_S)
@@ -567,6 +555,10 @@ class Supervisor:
             self._reader_task.cancel()
         if proc is not None:
             logger.info("vLLM (pid %d) stopped with code %s.", proc.pid, proc.returncode)
+        if self._watchdog is not None:  # the group is gone: it exits without doing anything
+            if await self._watchdog.close(WATCHDOG_EXIT_WAIT_S) is None:
+                logger.warning("The watchdog of vLLM process group %d (pid %d) is still running.", pgid, self._watchdog.pid)
+            self._watchdog = None
         self._pgid = None
         self._spawned_at = None
         self._ready_since = None
@@ -575,32 +567,40 @@ class Supervisor:
         self._changed()
 
     async def _kill_leftover(self) -> None:
-        """Kill a process group recorded by an earlier supervisor that did not stop it (e.g. SIGKILLed)."""
+        """Kill what is left of a group recorded by an earlier supervisor that did not stop it.
+
+        That supervisor and its watchdog were both killed (or the machine lost power mid-stop). Only
+        processes the record names, by pid and start time, make the group count as ours.
+        """
         try:
-            record = json.loads(self.pgid_file.read_text())
-            pgid, instance = int(record["pgid"]), str(record["instance"])
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError, TypeError):
-            self.pgid_file.unlink(missing_ok=True)
-            return
-        ours = [pid for pid in group_members(pgid) if has_marker(pid, instance)]
-        if ours:
-            logger.warning("Killing leftover vLLM process group %d (pids %s) from an earlier run.", pgid, ours)
-            signal_group(pgid, signal.SIGKILL)
-            if not await wait_group_gone(pgid, GROUP_EXIT_WAIT_S):
-                logger.error("Leftover vLLM process group %d survived SIGKILL.", pgid)
+            record = GroupRecord.read(self.pgid_file)
+        except ValueError as exc:
+            logger.warning("Ignoring a damaged record: %s", exc)
+            record = None
+        if record is not None and (survivors := record.survivors()):
+            logger.warning(
+                "Killing leftover vLLM process group %d (pids %s) of an earlier supervisor (pid %d, started %s).",
+                record.pgid,
+                [process.pid for process in survivors],
+                record.supervisor_pid,
+                record.started_at,
+            )
+            signal_group(record.pgid, signal.SIGKILL)
+            if not await await_group_gone(record.pgid, GROUP_EXIT_WAIT_S):
+                logger.error("Leftover vLLM process group %d survived SIGKILL.", record.pgid)
         self.pgid_file.unlink(missing_ok=True)
 
-    def _write_pgid_file(self, pgid: int, instance: str) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        record = {"pgid": pgid, "instance": instance, "started_at": now_iso(), "supervisor_pid": os.getpid()}
-        self.pgid_file.write_text(json.dumps(record))
-
     def _kill_at_exit(self) -> None:
-        # Also runs on the development autoreloader's sys.exit(3), where no lifespan shutdown happens.
-        if self._pgid is not None:
-            signal_group(self._pgid, signal.SIGKILL)
+        """Synchronous last resort (atexit; a supervisor whose loop is gone): SIGKILL the group, release the watchdog.
+
+        Also runs on the development autoreloader's sys.exit(3), where no lifespan shutdown happens.
+        """
+        pgid, self._pgid = self._pgid, None
+        watchdog, self._watchdog = self._watchdog, None
+        if pgid is not None:
+            signal_group(pgid, signal.SIGKILL)
+        if watchdog is not None:
+            watchdog.release()
 
     def _take_lock(self) -> bool:
         if self._lock_fd is not None:
