@@ -14,8 +14,7 @@ directory (SQLite).
 from __future__ import annotations
 
 import argparse
-import base64
-import io
+import contextlib
 import json
 import os
 import shutil
@@ -35,12 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ocrsite.settings")
 
-from tests.fakes.pages import make_image, page_image  # noqa: E402
+from tests.fakes.pages import chat_request, make_image  # noqa: E402
 from tests.support import free_port, kill_group, manage, port_open, project_env, wait_until  # noqa: E402
 from vllm_control.processes import GroupRecord, group_members  # noqa: E402
 
 LOCAL_MODE = "from vllm_control.models import VLMSettings as V; r = V.load(); r.mode = 'local'; r.save()"
 GRACE_MS = 5000
+MODEL = "Qwen/Qwen3-VL-2B-Instruct"  # the configured default, which the double serves
 
 
 @dataclass(frozen=True)
@@ -59,17 +59,9 @@ def migrated_template(root: Path) -> Path:
 
 
 def hold_page_1_request(port: int) -> None:
-    buffer = io.BytesIO()
-    page_image(1).save(buffer, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {"model": "Qwen/Qwen3-VL-2B-Instruct",
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
-
     def send() -> None:
-        try:
-            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
-        except httpx.HTTPError:
-            pass
+        with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_request(1, MODEL), timeout=60)
 
     threading.Thread(target=send, daemon=True).start()
 
@@ -118,7 +110,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     options = parser.parse_args()
-    cases = [Case(command, state) for state in ("ready", "mid-request", "ignores SIGTERM") for command in ("serve", "vllm_server")]
+    states = ("ready", "mid-request", "ignores SIGTERM")
+    cases = [Case(command, state) for state in states for command in ("serve", "vllm_server")]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         template = migrated_template(root)

@@ -151,4 +151,5 @@ class GroupRecord:
         does a group whose number was reused once all recorded processes were gone.
         """
         recorded = {p.pid: p for p in self.processes}
-        return [process for process in group_processes(self.pgid) if process.pid in recorded and recorded[process.pid].matches(process)]
+        members = group_processes(self.pgid)
+        return [process for process in members if process.pid in recorded and recorded[process.pid].matches(process)]

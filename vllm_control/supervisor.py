@@ -2,12 +2,14 @@
 
 One explicit state machine (TRANSITIONS below). vLLM spawns children of its own (EngineCore, workers)
 that keep the GPU when only the parent dies, so everything acts on the whole process group:
-  - the child runs in its own session/process group, with a parent-death signal;
-  - a watchdog process per group (vllm_control.watchdog) stops the group when this process dies, however
-    it dies; a watchdog that exits early is replaced;
+  - vLLM runs in its own session/process group under a watchdog (vllm_control.watchdog), which stops the
+    group when this process dies, however it dies; to the supervisor the watchdog looks like vLLM (its
+    output, its exit status);
+  - stop = close the watchdog's lifeline: stop signal to the group, SIGKILL to the group after the grace
+    period; then confirm the group is empty;
   - the group and the start time of each of its processes are recorded in DATA_DIR
-    (processes.GroupRecord), so the next start kills whatever survived both, and a reused pid never;
-  - stop = stop signal to the group, SIGKILL to the group after the grace period, then confirm it is empty.
+    (processes.GroupRecord), so the next start kills whatever survived a watchdog killed too, and a
+    reused pid never.
 Only one process supervises a port (an flock in DATA_DIR); another process that cannot take the lock
 observes the server over HTTP instead of spawning a second one, and takes over when the lock frees.
 All methods must run on the event loop the supervisor was started on (see vllm_control.runtime).
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -36,11 +37,11 @@ from django.conf import settings
 from vllm_control.command import build_command, redact
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
-from vllm_control.external import now_iso, probe
-from vllm_control.processes import GroupRecord, await_group_gone, group_members, group_processes, signal_group
+from vllm_control import watchdog
+from vllm_control.external import probe
+from vllm_control.processes import GroupRecord, await_group_gone, group_members, signal_group
 from vllm_control.startup_errors import classify, not_found
 from vllm_control.status import ServerState, ServerStatus
-from vllm_control.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 vllm_logger = logging.getLogger("vllm_control.vllm")
@@ -62,10 +63,6 @@ STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart cou
 HEALTH_FAILURES = 3  # consecutive failed health checks that count as a hang
 READINESS_POLL_S = 0.5
 GROUP_EXIT_WAIT_S = 10.0
-WATCHDOG_EXIT_WAIT_S = 5.0
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the pre-exec function must not load libraries
 
 
 _KEEP = object()  # _set_state: leave last_error as it is
@@ -82,20 +79,6 @@ class RunEnd:
     reason: str
     retryable: bool
     ready_for_s: float = 0.0
-
-
-# --- spawning -------------------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:
-        # Runs in the child between fork and exec. The signal fires when the *thread* that forked exits,
-        # which is why the supervisor spawns from its long-lived event-loop thread.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -140,9 +123,7 @@ class Supervisor:
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._run_lines: deque[str] = deque(maxlen=2 * LOG_TAIL_LINES)
         self._listeners: list[Callable[[ServerStatus], None]] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._pgid: int | None = None
-        self._watchdog: Watchdog | None = None
+        self._vllm: watchdog.Supervised | None = None  # the current run: vLLM's pid is its group's number
         self._spawned_at: float | None = None
         self._ready_since: float | None = None
         self._run_task: asyncio.Task | None = None
@@ -176,14 +157,15 @@ class Supervisor:
 
     # --- status and notifications ----------------------------------------------------------------------
     def status(self) -> ServerStatus:
-        alive = self._proc is not None and self._proc.returncode is None
+        vllm = self._vllm
+        alive = vllm is not None and vllm.process.returncode is None
         return ServerStatus(
             mode="local",
             state=self.state,
             model=self.config.served_model_name,
             base_url=self.config.base_url,
             port=self.config.port,
-            pid=self._proc.pid if alive else None,
+            pid=vllm.pid if vllm is not None and alive else None,
             restart_count=self.restart_count,
             uptime_s=round(time.monotonic() - self._spawned_at, 1) if alive and self._spawned_at else None,
             last_health_check=self.last_health_check,
@@ -270,7 +252,7 @@ class Supervisor:
                 await asyncio.gather(self._spawn_task, return_exceptions=True)
             if self.state in (ServerState.STARTING, ServerState.READY, ServerState.UNHEALTHY):
                 self._set_state(ServerState.STOPPING)
-            if self._pgid is not None:
+            if self._vllm is not None:
                 await self._terminate(graceful=True)
             self._release_lock()
             if self.state != ServerState.STOPPED:
@@ -337,7 +319,7 @@ class Supervisor:
         except Exception as exc:
             logger.exception("The vLLM supervisor failed")
             with contextlib.suppress(Exception):
-                if self._pgid is not None:
+                if self._vllm is not None:
                     await self._terminate(graceful=False)
             if self.state != ServerState.FAILED:
                 self._set_state(ServerState.FAILED, error=f"The vLLM supervisor failed: {exc}")
@@ -353,86 +335,59 @@ class Supervisor:
         self._spawn_task = asyncio.ensure_future(self._spawn())
         try:
             # Shielded: a stop() arriving now waits for the spawn, so the new process is always known.
-            proc = await asyncio.shield(self._spawn_task)
+            vllm = await asyncio.shield(self._spawn_task)
         except (FileNotFoundError, PermissionError, NotADirectoryError):
             return RunEnd(not_found(self.config.vllm_bin).message, retryable=False)
-        end = await self._wait_for_readiness(proc)
+        end = await self._wait_for_readiness(vllm)
         if end is None:
             self._ready_since = time.monotonic()
             self._set_state(ServerState.READY, error=None)
-            end = await self._monitor(proc)
-        await self._terminate(graceful=proc.returncode is None)
+            end = await self._monitor(vllm)
+        await self._terminate(graceful=vllm.process.returncode is None)
         return end
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> watchdog.Supervised:
         argv = build_command(self.config)
         env = dict(os.environ)
         if self.config.hf_token:
             env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = self.config.hf_token
         logger.info("Starting vLLM: %s", " ".join(redact(argv)))
         self._run_lines.clear()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        vllm = await watchdog.start(
+            argv,
             env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
-            limit=1 << 20,
+            stop_signal=self.config.stop_signal,
+            grace_ms=self.config.stop_grace_ms,
+            record=self.pgid_file,
+            output_limit=1 << 20,
         )
-        self._proc, self._pgid, self._spawned_at = proc, proc.pid, time.monotonic()
-        record = GroupRecord(pgid=proc.pid, processes=(), started_at=now_iso(), supervisor_pid=os.getpid())
-        record.with_processes(group_processes(proc.pid)).write(self.pgid_file)
-        self._exit_task = asyncio.create_task(_exited(proc))
-        self._reader_task = asyncio.create_task(self._read_output(proc))
-        self._watchdog = self._start_watchdog(proc.pid)
+        self._vllm, self._spawned_at = vllm, time.monotonic()
+        self._exit_task = asyncio.create_task(_exited(vllm.process))
+        self._reader_task = asyncio.create_task(self._read_output(vllm))
         self._changed()
-        return proc
+        return vllm
 
-    def _start_watchdog(self, pgid: int) -> Watchdog:
-        try:
-            return Watchdog.start(
-                pgid=pgid, stop_signal=self.config.stop_signal, grace_ms=self.config.stop_grace_ms, record=self.pgid_file
-            )
-        except OSError as exc:  # not FileNotFoundError for _run_once: that would blame VLLM_BIN
-            raise RuntimeError(f"Could not start the watchdog of vLLM process group {pgid}: {exc}") from exc
-
-    def _ensure_watchdog(self) -> None:
-        """A watchdog that exited while its group runs (someone killed it) is replaced."""
-        watchdog = self._watchdog
-        if self._pgid is not None and watchdog is not None and not watchdog.alive:
-            logger.warning(
-                "The watchdog of vLLM process group %d (pid %d) exited with code %s; starting a new one.",
-                self._pgid,
-                watchdog.pid,
-                watchdog.returncode,
-            )
-            self._watchdog = self._start_watchdog(self._pgid)
-
-    async def _wait_for_readiness(self, proc: asyncio.subprocess.Process) -> RunEnd | None:
+    async def _wait_for_readiness(self, vllm: watchdog.Supervised) -> RunEnd | None:
         deadline = time.monotonic() + self.config.start_timeout_s
         assert self._exit_task is not None
         while True:
             await asyncio.wait({self._exit_task}, timeout=READINESS_POLL_S)
             if self._exit_task.done():
-                return await self._startup_failure(proc)
-            self._ensure_watchdog()
+                return await self._startup_failure(vllm)
             if time.monotonic() >= deadline:
                 return RunEnd(f"vLLM did not become ready within {self.config.start_timeout_s} s.", retryable=True)
             result = await self._probe(timeout=2.0, fetch_version=True)
             if result.ok:
                 return None
 
-    async def _startup_failure(self, proc: asyncio.subprocess.Process) -> RunEnd:
-        if self._pgid is not None:  # its children may hold the output pipe open
-            signal_group(self._pgid, signal.SIGKILL)
-        if self._reader_task is not None:
+    async def _startup_failure(self, vllm: watchdog.Supervised) -> RunEnd:
+        if self._reader_task is not None:  # the watchdog killed what vLLM left, which may hold the pipe
             await asyncio.wait({self._reader_task}, timeout=2.0)
-        error = classify(self._run_lines, model=self.config.model, port=self.config.port, returncode=proc.returncode)
+        returncode = vllm.process.returncode
+        error = classify(self._run_lines, model=self.config.model, port=self.config.port, returncode=returncode)
         return RunEnd(error.message, retryable=error.retryable)
 
-    async def _monitor(self, proc: asyncio.subprocess.Process) -> RunEnd:
+    async def _monitor(self, vllm: watchdog.Supervised) -> RunEnd:
         assert self._exit_task is not None
         failures = 0
         interval = self.config.health_check_interval_s
@@ -445,7 +400,7 @@ class Supervisor:
                 woken.cancel()
             ready_for = time.monotonic() - (self._ready_since or time.monotonic())
             if self._exit_task.done():
-                reason = f"vLLM (pid {proc.pid}) exited with code {proc.returncode}."
+                reason = f"vLLM (pid {vllm.pid}) exited with code {vllm.process.returncode}."
                 self._set_state(ServerState.UNHEALTHY, error=reason)
                 return RunEnd(reason, retryable=True, ready_for_s=ready_for)
             result = await self._probe(timeout=float(min(5, max(1, interval))), fetch_version=False)
@@ -453,7 +408,6 @@ class Supervisor:
                 await asyncio.wait({self._exit_task}, timeout=0.5)
             if self._exit_task.done():
                 continue
-            self._ensure_watchdog()
             if result.ok:
                 failures = 0
                 if self.restart_count and ready_for >= self.stable_run_s:
@@ -468,7 +422,7 @@ class Supervisor:
             )
             if failures >= self.health_failures:
                 return RunEnd(
-                    f"vLLM (pid {proc.pid}) stopped answering health checks ({failures} consecutive failures).",
+                    f"vLLM (pid {vllm.pid}) stopped answering health checks ({failures} consecutive failures).",
                     retryable=True,
                     ready_for_s=ready_for,
                 )
@@ -508,17 +462,18 @@ class Supervisor:
             self.server_version = result.server_version or self.server_version
         return result
 
-    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
+    async def _read_output(self, vllm: watchdog.Supervised) -> None:
+        output = vllm.process.stdout
+        assert output is not None
         while True:
             try:
-                raw = await proc.stdout.readline()
+                raw = await output.readline()
             except ValueError:  # a line longer than the buffer limit: take it in pieces
-                raw = await proc.stdout.read(1 << 16)
+                raw = await output.read(1 << 16)
             if not raw:
                 return
             line = self._redact(raw.decode(errors="replace").rstrip("\r\n"))
-            vllm_logger.info("[vllm:%d] %s", proc.pid, line)
+            vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
             self._publish_log_soon()
@@ -532,34 +487,32 @@ class Supervisor:
 
     # --- stopping and cleaning up process groups -----------------------------------------------------------
     async def _terminate(self, *, graceful: bool) -> None:
-        """Stop the current process group: stop signal, SIGKILL after the grace period, confirm it is empty."""
-        pgid, proc = self._pgid, self._proc
-        if pgid is None:
+        """Stop the current process group: stop signal, SIGKILL after the grace period, confirm it is empty.
+
+        The watchdog does it when its lifeline closes, as it would if this process died; not `graceful`
+        (vLLM crashed or hung) sends SIGKILL first. While the watchdog lives it has not reaped vLLM, so
+        vLLM's pid still names this group and no other.
+        """
+        vllm = self._vllm
+        if vllm is None:
             return
-        if graceful and group_members(pgid):
-            signal_group(pgid, self.config.stop_signal)
-            if not await await_group_gone(pgid, self.config.stop_grace_ms / 1000):
-                logger.warning(
-                    "vLLM process group %d still running %d ms after %s; sending SIGKILL.",
-                    pgid,
-                    self.config.stop_grace_ms,
-                    self.config.stop_signal.name,
-                )
-        signal_group(pgid, signal.SIGKILL)
-        if not await await_group_gone(pgid, GROUP_EXIT_WAIT_S):
-            logger.error("vLLM process group %d is still alive after SIGKILL: %s", pgid, group_members(pgid))
-        if self._exit_task is not None:
-            await asyncio.wait({self._exit_task}, timeout=GROUP_EXIT_WAIT_S)
+        assert self._exit_task is not None
+        if vllm.process.returncode is None:
+            if not graceful:
+                signal_group(vllm.pid, signal.SIGKILL)
+            vllm.release()
+            await asyncio.wait({self._exit_task}, timeout=self.config.stop_grace_ms / 1000 + 2 * GROUP_EXIT_WAIT_S)
+        vllm.release()
+        if group_members(vllm.pid):  # the watchdog was killed, or is stuck: do its work
+            logger.error("vLLM process group %d outlived its watchdog; sending SIGKILL.", vllm.pid)
+            signal_group(vllm.pid, signal.SIGKILL)
+            if not await await_group_gone(vllm.pid, GROUP_EXIT_WAIT_S):
+                logger.error("vLLM process group %d survived SIGKILL: %s", vllm.pid, group_members(vllm.pid))
         if self._reader_task is not None:
             await asyncio.wait({self._reader_task}, timeout=1.0)
             self._reader_task.cancel()
-        if proc is not None:
-            logger.info("vLLM (pid %d) stopped with code %s.", proc.pid, proc.returncode)
-        if self._watchdog is not None:  # the group is gone: it exits without doing anything
-            if await self._watchdog.close(WATCHDOG_EXIT_WAIT_S) is None:
-                logger.warning("The watchdog of vLLM process group %d (pid %d) is still running.", pgid, self._watchdog.pid)
-            self._watchdog = None
-        self._pgid = None
+        logger.info("vLLM (pid %d) stopped with code %s.", vllm.pid, vllm.process.returncode)
+        self._vllm = None
         self._spawned_at = None
         self._ready_since = None
         with contextlib.suppress(FileNotFoundError):
@@ -591,16 +544,15 @@ class Supervisor:
         self.pgid_file.unlink(missing_ok=True)
 
     def _kill_at_exit(self) -> None:
-        """Synchronous last resort (atexit; a supervisor whose loop is gone): SIGKILL the group, release the watchdog.
+        """Synchronous last resort (atexit; a supervisor whose loop is gone): SIGKILL the group, close the lifeline.
 
         Also runs on the development autoreloader's sys.exit(3), where no lifespan shutdown happens.
         """
-        pgid, self._pgid = self._pgid, None
-        watchdog, self._watchdog = self._watchdog, None
-        if pgid is not None:
-            signal_group(pgid, signal.SIGKILL)
-        if watchdog is not None:
-            watchdog.release()
+        vllm, self._vllm = self._vllm, None
+        if vllm is not None:
+            if vllm.process.returncode is None:  # the watchdog lives, so vLLM's pid names its group
+                signal_group(vllm.pid, signal.SIGKILL)
+            vllm.release()
 
     def _take_lock(self) -> bool:
         if self._lock_fd is not None:

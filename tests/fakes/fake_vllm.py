@@ -423,8 +423,8 @@ def run_engine_core(parent_pid: int, workers: int, ready_fd: int) -> int:
     ready_read, ready_write = os.pipe()
     names = ["Worker"] if workers == 1 else [f"Worker_TP{rank}" for rank in range(workers)]
     for name in names:
-        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", name, str(death_read), str(ready_write)],
-                         stdin=subprocess.DEVNULL, pass_fds=(death_read, ready_write))
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(death_read), str(ready_write)]
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(death_read, ready_write))
     os.close(death_read)
     os.close(ready_write)
     for _ in names:
@@ -971,7 +971,8 @@ def serve(argv: list[str]) -> int:
     if stop.wait(knobs.startup_delay) or not engine_ready(engine_ready_fd, stop):
         server.server_close()
         if not stop.is_set():
-            _emit(sys.stderr, "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+            _emit(sys.stderr, "RuntimeError: Engine core initialization failed. See root cause above. "
+                              "Failed core proc(s): {}")
             stop_child(child)
             return 1
         log("INFO", "launcher.py:110", "Shutting down FastAPI HTTP server.")

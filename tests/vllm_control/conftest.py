@@ -160,9 +160,10 @@ def vllm_pids(env) -> list[int]:
     return group_members(record.pgid) if record is not None else []
 
 
-def watchdog_of(supervisor_pid: int) -> psutil.Process:
-    (watchdog,) = [child for child in psutil.Process(supervisor_pid).children() if "vllm_control.watchdog" in child.cmdline()]
-    return watchdog
+def watchdogs_of(supervisor_pid: int) -> list[psutil.Process]:
+    """The watchdogs a supervising process started (one per local server it runs)."""
+    children = psutil.Process(supervisor_pid).children()
+    return [child for child in children if "vllm_control.watchdog" in child.cmdline()]
 
 
 def read_until(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:

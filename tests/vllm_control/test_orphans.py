@@ -6,6 +6,7 @@ worker rename themselves (setproctitle) and outlive their API server, as vLLM's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -16,9 +17,9 @@ import httpx
 import psutil
 import pytest
 
-from tests.fakes.pages import make_image
+from tests.fakes.pages import chat_request, make_image
 from tests.support import REPO, free_port, kill_test_processes, manage, pid_alive, port_open, project_env, wait_until
-from tests.vllm_control.conftest import read_until, vllm_pids, vllm_record, watchdog_of
+from tests.vllm_control.conftest import MODEL, read_until, vllm_pids, vllm_record, watchdogs_of
 from vllm_control.processes import group_members
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,39 +39,28 @@ def held_requests(tmp_path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def send_page_1(port: int) -> threading.Thread:
+def send_page_1(port: int) -> None:
     """A chat request for page 1 from another thread; it fails when the server goes away."""
-    import base64
-    import io
-
-    from tests.fakes.pages import page_image
-
-    buffer = io.BytesIO()
-    page_image(1).save(buffer, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {"model": "Qwen/Qwen3-VL-2B-Instruct",
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
 
     def send() -> None:
-        try:
-            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
-        except httpx.HTTPError:
-            pass  # the server was killed under it
+        with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_request(1, MODEL), timeout=60)
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=send, daemon=True).start()
 
 
 def renamed_group(env) -> int:
     """Wait until the recorded group holds the API server, VLLM::EngineCore and VLLM::Worker, renamed as
-    vLLM's are (so nothing finds them by a variable set for them any more); returns its pgid."""
+    vLLM's are (so nothing finds them by a variable set for them any more), and the record names them all;
+    returns its pgid."""
 
-    def names() -> list[str]:
+    def complete() -> bool:
         record = vllm_record(env)
-        return sorted(psutil.Process(pid).name() for pid in group_members(record.pgid)) if record else []
+        members = group_members(record.pgid) if record else []
+        names = {psutil.Process(pid).name() for pid in members}
+        return {"VLLM::EngineCore", "VLLM::Worker"} <= names and set(members) <= {p.pid for p in record.processes}
 
-    wait_until(lambda: {"VLLM::EngineCore", "VLLM::Worker"} <= set(names()), 10, message="the renamed EngineCore and worker")
+    wait_until(complete, 10, message="the renamed EngineCore and worker, in the record")
     pgid = vllm_record(env).pgid
     for pid in set(group_members(pgid)) - {pgid}:
         assert "OCRSITE_TEST_MARKER" not in psutil.Process(pid).environ()
@@ -105,7 +95,7 @@ def test_sigkill_of_the_supervisor_leaves_no_process_of_the_group(site, tmp_path
         if command == "vllm_server":
             send_page_1(port)
         wait_until(lambda: held_requests(tmp_path), 30, message="a request held by the double")
-    watchdog = watchdog_of(supervisor.pid)
+    (watchdog,) = watchdogs_of(supervisor.pid)
 
     supervisor.send_signal(signal.SIGKILL)
     supervisor.wait(timeout=10)
@@ -122,9 +112,12 @@ def test_supervisor_and_watchdog_both_sigkilled_the_next_start_cleans_up(site):
     first = spawn("vllm_server", "--log-file", "")
     read_until(first, READY, 30)
     pgid = renamed_group(env)
-    watchdog_of(first.pid).kill()
+    # Both die at once: the watchdog cannot act (stopped) when its supervisor dies, then is killed too.
+    (watchdog,) = watchdogs_of(first.pid)
+    watchdog.suspend()
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
+    watchdog.kill()
     wait_until(lambda: not pid_alive(pgid), 10, message="the parent-death signal to kill the API server")
     survivors = group_members(pgid)
     assert len(survivors) == 2  # EngineCore and worker, as vLLM's (they linger FAKE_VLLM_ORPHAN_LINGER s)
@@ -166,7 +159,7 @@ def test_each_of_several_supervisors_in_a_process_takes_its_group_along(tmp_path
     )
     try:
         pgids = [int(process.stdout.readline()), int(process.stdout.readline())]
-        watchdogs = [child for child in psutil.Process(process.pid).children() if "vllm_control.watchdog" in child.cmdline()]
+        watchdogs = watchdogs_of(process.pid)
         assert len(watchdogs) == 2
         wait_until(lambda: all(len(group_members(pgid)) >= 3 for pgid in pgids), 10, message="both groups complete")
         process.kill()

@@ -10,9 +10,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
+from tests.fakes.pages import chat_request
 from tests.support import pid_alive
 from tests.vllm_control.conftest import make_local_config
 from vllm_control.errors import ModelServerUnavailable
@@ -43,22 +45,8 @@ def engine_children(pid: int) -> list[int]:
 
 async def send_page(port: int, model: str) -> None:
     """One valid chat request with a page image (what the double counts for its crash/hang knobs)."""
-    import base64
-    import io
-
-    import httpx
-
-    from tests.fakes.pages import page_image
-
-    buffer = io.BytesIO()
-    page_image(1).save(buffer, format="PNG")
-    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}}]}],
-    }
     async with httpx.AsyncClient(timeout=5) as client:
-        response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+        response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_request(1, model))
     assert response.status_code == 200, response.text
 
 
@@ -98,9 +86,10 @@ async def test_spawn_ready_and_stop_leaves_nothing(supervisors, port, test_marke
     await wait_for(lambda: len(recorded(tmp_path, port)) >= 3, 10, "the EngineCore and worker in the record")
     assert {identity.pid for identity in recorded(tmp_path, port)} == set(group_members(pgid))
     assert all(identity.matches(psutil.Process(identity.pid)) for identity in recorded(tmp_path, port))
-    watchdog = psutil.Process(supervisor._watchdog.pid)
-    assert watchdog.cmdline()[-8:] == ["--pgid", str(pgid), "--stop-signal", "SIGTERM", "--grace-ms", "1000",
-                                       "--record", str(tmp_path / f"vllm-{port}.pgid")]
+    watchdog = psutil.Process(pgid).parent()  # between the supervisor and vLLM
+    assert watchdog.ppid() == os.getpid() and "vllm_control.watchdog" in watchdog.cmdline()
+    assert watchdog.cmdline()[3:9] == ["--stop-signal", "SIGTERM", "--grace-ms", "1000", "--record",
+                                       str(tmp_path / f"vllm-{port}.pgid")]
     assert os.getpgid(watchdog.pid) not in (pgid, os.getpgid(0))  # neither group's stop reaches it
     await supervisor.stop()
     assert supervisor.state == ServerState.STOPPED
@@ -207,13 +196,15 @@ async def test_hf_token_reaches_the_server(supervisors, port, monkeypatch):
     assert (await supervisor.wait_ready(30)).state == ServerState.READY
 
 
-async def vanish(supervisor: Supervisor) -> None:
-    """Make the supervisor forget its server without stopping it, as if its process had died."""
+async def vanish(supervisor: Supervisor):
+    """Make the supervisor forget its server without stopping it, as if its process had died (but keep
+    the lifeline open); returns the forgotten run."""
     supervisor._run_task.cancel()
     await asyncio.gather(supervisor._run_task, return_exceptions=True)
     supervisor._run_task = None
-    supervisor._pgid = None
+    vllm, supervisor._vllm = supervisor._vllm, None
     supervisor._release_lock()
+    return vllm
 
 
 async def test_leftover_group_of_a_dead_supervisor_is_killed_at_next_start(supervisors, port, tmp_path, test_marker):
@@ -222,11 +213,9 @@ async def test_leftover_group_of_a_dead_supervisor_is_killed_at_next_start(super
     pid = (await first.wait_ready(30)).pid
     await wait_for(lambda: len(recorded(tmp_path, port)) >= 3, 10, "the EngineCore and worker in the record")
     # The supervisor and its watchdog both die (e.g. a SIGKILL of both); no process is left to stop the group.
-    watchdog, first._watchdog = first._watchdog, None
-    os.kill(watchdog.pid, signal.SIGKILL)
-    await vanish(first)
-    os.kill(pid, signal.SIGKILL)  # the parent-death signal's effect; its EngineCore and worker linger
-    await wait_for(lambda: not pid_alive(pid), 5, "the parent to die")
+    forgotten = await vanish(first)
+    os.kill(forgotten.process.pid, signal.SIGKILL)
+    await wait_for(lambda: not pid_alive(pid), 5, "the parent-death signal to kill vLLM's API server")
     assert sorted(psutil.Process(p).name() for p in group_members(pid)) == ["VLLM::EngineCore", "VLLM::Worker"]
     second = supervisors(port)
     await second.start()
@@ -235,18 +224,16 @@ async def test_leftover_group_of_a_dead_supervisor_is_killed_at_next_start(super
     assert status.pid != pid
 
 
-async def test_a_killed_watchdog_is_replaced(supervisors, port):
+async def test_a_killed_watchdog_is_a_crash_the_group_goes_and_the_server_restarts(supervisors, port):
     supervisor = supervisors(port)
     await supervisor.start()
-    pgid = (await supervisor.wait_ready(30)).pid
-    first = supervisor._watchdog.pid
-    os.kill(first, signal.SIGKILL)
-    await wait_for(lambda: supervisor._watchdog.pid != first, 10, "a new watchdog")
-    second = psutil.Process(supervisor._watchdog.pid)
-    assert f"--pgid={pgid}" in "=".join(second.cmdline()) and second.status() != psutil.STATUS_ZOMBIE
-    assert supervisor.state == ServerState.READY and group_members(pgid)
-    await supervisor.stop()
-    assert group_members(pgid) == [] and not second.is_running()
+    first = (await supervisor.wait_ready(30)).pid
+    children = engine_children(first)
+    os.kill(supervisor._vllm.process.pid, signal.SIGKILL)  # vLLM's API server gets its parent-death signal
+    await wait_for(lambda: supervisor.status().pid not in (None, first), 30, "the restart")
+    assert f"vLLM (pid {first}) exited with code -9." in supervisor.last_error
+    assert group_members(first) == [] and not any(pid_alive(child) for child in children)
+    await wait_for(lambda: supervisor.state == ServerState.READY, 30, "the restarted server")
 
 
 async def test_the_watchdog_stops_the_group_when_the_supervisor_is_gone_sigkill_after_grace(
@@ -256,12 +243,13 @@ async def test_the_watchdog_stops_the_group_when_the_supervisor_is_gone_sigkill_
     supervisor = supervisors(port, stop_grace_ms=300)
     await supervisor.start()
     pgid = (await supervisor.wait_ready(30)).pid
-    watchdog = supervisor._watchdog
-    await vanish(supervisor)
-    watchdog.release()  # what the kernel does when the supervisor's process dies
+    forgotten = await vanish(supervisor)
+    forgotten.release()  # what the kernel does when the supervisor's process dies
     await wait_for(lambda: group_members(pgid) == [], 10, "the group to be gone")
-    await wait_for(lambda: not watchdog.alive, 5, "the watchdog to exit")
-    assert watchdog.returncode == 0
+    await wait_for(lambda: forgotten.process.returncode is not None, 5, "the watchdog to exit")
+    assert forgotten.process.returncode == -signal.SIGKILL  # as vLLM ended
+    said = f"ocrsite watchdog: vLLM process group {pgid} still running 300 ms after SIGTERM; sending SIGKILL."
+    await wait_for(lambda: said in supervisor.log_tail, 5, "the watchdog's line in vLLM's output")
 
 
 async def test_a_stale_record_whose_pids_were_reused_kills_nothing(supervisors, port, tmp_path):
