@@ -7,8 +7,9 @@ For `manage.py serve` and `manage.py vllm_server`, with the server ready and wit
 (held by the double: `serve`'s own runner sent it for a queued page; for `vllm_server` a client did),
 and with a server that ignores SIGTERM: SIGKILL the supervising process, then poll its vLLM process
 group (API server, VLLM::EngineCore, VLLM::Worker) every 2 ms until no process of it is left. The
-stop grace is the default VLLM_STOP_GRACE_MS (5000 ms). Each run uses a fresh copy of a migrated data
-directory (SQLite).
+reference is a normal stop measured the same way in the same run: SIGTERM to the supervising process.
+The stop grace is the default VLLM_STOP_GRACE_MS (5000 ms). Runs are interleaved; each uses a fresh copy
+of a migrated data directory (SQLite).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ MODEL = "Qwen/Qwen3-VL-2B-Instruct"  # the configured default, which the double 
 class Case:
     command: str
     state: str  # "ready", "mid-request" or "ignores SIGTERM"
+    signal: signal.Signals = signal.SIGKILL  # what the supervising process gets
 
 
 def migrated_template(root: Path) -> Path:
@@ -67,7 +69,7 @@ def hold_page_1_request(port: int) -> None:
 
 
 def one_run(case: Case, template: Path, root: Path) -> float:
-    """Seconds from the SIGKILL of the supervising process until its vLLM group is empty."""
+    """Seconds from the signal to the supervising process until its vLLM group is empty."""
     data = Path(tempfile.mkdtemp(dir=root))
     shutil.copytree(template, data, dirs_exist_ok=True)
     port = free_port()
@@ -96,7 +98,7 @@ def one_run(case: Case, template: Path, root: Path) -> float:
             wait_until(lambda: (data / "double" / "requests.jsonl").exists(), 60, message="a request held")
         pgid = GroupRecord.read(record_file).pgid
         started = time.monotonic()
-        supervisor.send_signal(signal.SIGKILL)
+        supervisor.send_signal(case.signal)
         while group_members(pgid):
             time.sleep(0.002)
         return time.monotonic() - started
@@ -110,8 +112,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     options = parser.parse_args()
+    commands = ("serve", "vllm_server")
+    normal = {command: Case(command, "ready", signal.SIGTERM) for command in commands}
     states = ("ready", "mid-request", "ignores SIGTERM")
-    cases = [Case(command, state) for state in states for command in ("serve", "vllm_server")]
+    cases = [*normal.values(), *(Case(command, state) for state in states for command in commands)]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         template = migrated_template(root)
@@ -119,14 +123,15 @@ def main() -> None:
         for _ in range(options.runs):  # interleaved, so a slow minute of the machine hits every case alike
             for case in cases:
                 times[case].append(one_run(case, template, root))
-    print(f"\nSIGKILL of the supervising process -> no process of its vLLM group left "
+    print(f"\nSignal to the supervising process -> no process of its vLLM group left "
           f"({options.runs} runs each, VLLM_STOP_GRACE_MS={GRACE_MS})\n")
-    print("| command | vLLM | min | median | max |")
-    print("|---|---|---|---|---|")
+    print("| command | signal | vLLM | min | median | max | median vs a normal stop |")
+    print("|---|---|---|---|---|---|---|")
     for case in cases:
         values = sorted(times[case])
-        print(f"| `{case.command}` | {case.state} | {values[0] * 1000:.0f} ms | "
-              f"{statistics.median(values) * 1000:.0f} ms | {values[-1] * 1000:.0f} ms |")
+        ratio = statistics.median(values) / statistics.median(times[normal[case.command]])
+        print(f"| `{case.command}` | {case.signal.name} | {case.state} | {values[0] * 1000:.0f} ms | "
+              f"{statistics.median(values) * 1000:.0f} ms | {values[-1] * 1000:.0f} ms | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

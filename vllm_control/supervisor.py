@@ -34,10 +34,10 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from vllm_control import watchdog
 from vllm_control.command import build_command, redact
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
-from vllm_control import watchdog
 from vllm_control.external import probe
 from vllm_control.processes import GroupRecord, await_group_gone, group_members, signal_group
 from vllm_control.startup_errors import classify, not_found
@@ -165,7 +165,7 @@ class Supervisor:
             model=self.config.served_model_name,
             base_url=self.config.base_url,
             port=self.config.port,
-            pid=vllm.pid if vllm is not None and alive else None,
+            pid=vllm.pid if alive and vllm is not None else None,
             restart_count=self.restart_count,
             uptime_s=round(time.monotonic() - self._spawned_at, 1) if alive and self._spawned_at else None,
             last_health_check=self.last_health_check,
@@ -497,12 +497,12 @@ class Supervisor:
         if vllm is None:
             return
         assert self._exit_task is not None
-        if vllm.process.returncode is None:
-            if not graceful:
-                signal_group(vllm.pid, signal.SIGKILL)
-            vllm.release()
-            await asyncio.wait({self._exit_task}, timeout=self.config.stop_grace_ms / 1000 + 2 * GROUP_EXIT_WAIT_S)
+        watchdog_alive = vllm.process.returncode is None
+        if watchdog_alive and not graceful:
+            signal_group(vllm.pid, signal.SIGKILL)
         vllm.release()
+        if watchdog_alive:
+            await asyncio.wait({self._exit_task}, timeout=self.config.stop_grace_ms / 1000 + 2 * GROUP_EXIT_WAIT_S)
         if group_members(vllm.pid):  # the watchdog was killed, or is stuck: do its work
             logger.error("vLLM process group %d outlived its watchdog; sending SIGKILL.", vllm.pid)
             signal_group(vllm.pid, signal.SIGKILL)

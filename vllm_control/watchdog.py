@@ -101,7 +101,7 @@ async def start(
             start_new_session=True,  # neither a stop of the vLLM group nor Ctrl+C in our terminal reaches it
             pass_fds=(report_write,),
             limit=output_limit,
-        )  # fmt: skip
+        )
     except BaseException:
         os.close(lifeline)
         os.close(report_read)
@@ -109,19 +109,17 @@ async def start(
     finally:
         os.close(lifeline_read)
         os.close(report_write)
-    supervised = Supervised(process, 0, lifeline)
     try:
         with contextlib.suppress(BrokenPipeError):  # it died at once: its report says why
             os.write(lifeline, json.dumps({"argv": argv, "cwd": os.getcwd()}).encode() + b"\n")
         report = (await asyncio.to_thread(_read_to_end, report_read)).decode()
     except BaseException:
-        supervised.release()
+        os.close(lifeline)  # a vLLM it started already is stopped
         raise
     kind, _, detail = report.strip().partition(" ")
     if kind == "pid":
-        supervised.pid = int(detail)
-        return supervised
-    supervised.release()
+        return Supervised(process, int(detail), lifeline)
+    os.close(lifeline)
     output, _ = await process.communicate()
     if kind == "error":
         number, _, message = detail.partition(" ")
@@ -177,7 +175,7 @@ def _exit_status(pid: int) -> os.waitid_result | None:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
 
 
-def wait(watch: Watch, pid: int, lifeline: int, wakeup: int) -> str:
+def wait_for_end(watch: Watch, pid: int, lifeline: int, wakeup: int) -> str:
     """Keep the record until vLLM exits, the lifeline reaches end-of-file or a stop signal arrives: which."""
     while True:
         if _exit_status(pid) is not None:
@@ -197,7 +195,8 @@ def stop_group(pgid: int, stop_signal: signal.Signals, grace_s: float) -> bool:
     signal_group(pgid, stop_signal)
     if wait_group_gone(pgid, grace_s):
         return True
-    _say(f"vLLM process group {pgid} still running {grace_s * 1000:.0f} ms after {stop_signal.name}; sending SIGKILL.")
+    grace = f"{grace_s * 1000:.0f} ms"
+    _say(f"vLLM process group {pgid} still running {grace} after {stop_signal.name}; sending SIGKILL.")
     signal_group(pgid, signal.SIGKILL)
     return wait_group_gone(pgid, KILL_WAIT_S)
 
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             cwd=command["cwd"],
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509 - this process has one thread
+            preexec_fn=_die_with_parent(os.getpid()),  # safe: this process has a single thread
         )
     except OSError as exc:
         os.write(args.report_fd, f"error {exc.errno} {exc.strerror}".encode())
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     os.write(args.report_fd, f"pid {vllm.pid}".encode())
     os.close(args.report_fd)
 
-    why = wait(watch, vllm.pid, lifeline, wakeup)
+    why = wait_for_end(watch, vllm.pid, lifeline, wakeup)
     if why == "exited":
         signal_group(vllm.pid, signal.SIGKILL)  # what vLLM left behind: nothing to be graceful for
         wait_group_gone(vllm.pid, KILL_WAIT_S)

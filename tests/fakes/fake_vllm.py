@@ -419,7 +419,7 @@ def run_engine_core(parent_pid: int, workers: int, ready_fd: int) -> int:
     log("INFO", "core.py:93", "Initializing a V1 LLM engine (v%s) with config: device_config=cpu (test double)" % VERSION, role)
     # vLLM's MultiprocExecutor: one worker per tensor-parallel rank, each watching a death pipe from us and
     # reporting ready on a pipe of its own.
-    death_read, death_write = os.pipe()
+    death_read, _death_write = os.pipe()  # we hold the write end until we exit
     ready_read, ready_write = os.pipe()
     names = ["Worker"] if workers == 1 else [f"Worker_TP{rank}" for rank in range(workers)]
     for name in names:
