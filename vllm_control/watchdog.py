@@ -42,6 +42,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -68,12 +69,14 @@ class Supervised:
     process: asyncio.subprocess.Process  # the watchdog: its output and exit status are vLLM's
     pid: int  # vLLM's pid, also the number of its process group
     lifeline: int | None  # our end of the pipe
+    _closing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def release(self) -> None:
         """Close the lifeline: the watchdog stops the group (stop signal, grace, SIGKILL), then exits.
 
-        Safe from any thread and more than once."""
-        fd, self.lifeline = self.lifeline, None
+        Safe from any thread and more than once (never closes a number another file got since)."""
+        with self._closing:
+            fd, self.lifeline = self.lifeline, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
