@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from vllm_control.processes import GroupRecord, signal_group
+from vllm_control.processes import GroupRecord, group_members, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_VLLM = REPO / "tests" / "fakes" / "vllm"
@@ -78,6 +78,24 @@ def kill_test_processes(marker: str, data_dir: Path | None = None) -> None:
     for pid in set(processes_with_marker(marker)) - {os.getpid()}:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def vllm_record(env: Mapping[str, str]) -> GroupRecord | None:
+    """The record of the vLLM group that a supervisor with this environment (OCRSITE_DATA_DIR, VLLM_PORT)
+    runs or left behind."""
+    return GroupRecord.read(Path(env["OCRSITE_DATA_DIR"]) / f"vllm-{env['VLLM_PORT']}.pgid")
+
+
+def vllm_pids(env: Mapping[str, str]) -> list[int]:
+    """The live processes of that recorded vLLM group: the double's API server, EngineCore and workers."""
+    record = vllm_record(env)
+    return group_members(record.pgid) if record is not None else []
+
+
+def watchdogs_of(supervisor_pid: int) -> list[psutil.Process]:
+    """The watchdogs a supervising process started (one per local server it runs); vLLM runs under them."""
+    children = psutil.Process(supervisor_pid).children()
+    return [child for child in children if "vllm_control.watchdog" in child.cmdline()]
 
 
 def service_available(host: str, port: int) -> bool:

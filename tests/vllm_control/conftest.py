@@ -7,14 +7,10 @@ import sys
 import time
 import uuid
 from dataclasses import replace
-from pathlib import Path
-
-import psutil
 import pytest
 
 from tests.support import FAKE_VLLM, REPO, free_port, kill_group, kill_test_processes, manage, project_env
 from vllm_control.config import LocalServerConfig
-from vllm_control.processes import GroupRecord, group_members
 
 MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
@@ -147,23 +143,6 @@ def site(tmp_path, migrated_data_dir):
         kill_group(proc.pid)
         proc.wait(timeout=10)
     kill_test_processes(env["OCRSITE_TEST_MARKER"], tmp_path)
-
-
-def vllm_record(env) -> GroupRecord | None:
-    """The record of the vLLM group a supervisor of this site runs (or left behind)."""
-    return GroupRecord.read(Path(env["OCRSITE_DATA_DIR"]) / f"vllm-{env['VLLM_PORT']}.pgid")
-
-
-def vllm_pids(env) -> list[int]:
-    """The live processes of the recorded vLLM group: the double's API server, EngineCore and worker."""
-    record = vllm_record(env)
-    return group_members(record.pgid) if record is not None else []
-
-
-def watchdogs_of(supervisor_pid: int) -> list[psutil.Process]:
-    """The watchdogs a supervising process started (one per local server it runs)."""
-    children = psutil.Process(supervisor_pid).children()
-    return [child for child in children if "vllm_control.watchdog" in child.cmdline()]
 
 
 def read_until(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:

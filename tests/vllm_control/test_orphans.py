@@ -18,8 +18,20 @@ import psutil
 import pytest
 
 from tests.fakes.pages import chat_request, make_image
-from tests.support import REPO, free_port, kill_test_processes, manage, pid_alive, port_open, project_env, wait_until
-from tests.vllm_control.conftest import MODEL, read_until, vllm_pids, vllm_record, watchdogs_of
+from tests.support import (
+    REPO,
+    free_port,
+    kill_test_processes,
+    manage,
+    pid_alive,
+    port_open,
+    project_env,
+    vllm_pids,
+    vllm_record,
+    wait_until,
+    watchdogs_of,
+)
+from tests.vllm_control.conftest import MODEL, read_until
 from vllm_control.processes import group_members
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.support import free_port, manage, pid_alive, port_open, wait_until
-from tests.vllm_control.conftest import read_until, vllm_pids, vllm_record
+from tests.support import free_port, manage, pid_alive, port_open, vllm_pids, vllm_record, wait_until
+from tests.vllm_control.conftest import read_until
 from vllm_control.processes import group_members
 
 pytestmark = pytest.mark.timeout(120)
