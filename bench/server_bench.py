@@ -54,7 +54,17 @@ from tests.http_probes import (  # noqa: E402
     write_padded_pdf,
     zeros,
 )
-from tests.support import free_port, kill_group, manage, port_open, processes_with_marker, project_env, wait_until  # noqa: E402
+from tests.support import (  # noqa: E402
+    free_port,
+    kill_group,
+    manage,
+    port_open,
+    processes_with_marker,
+    project_env,
+    vllm_pids,
+    wait_until,
+    watchdogs_of,
+)
 
 USERNAME, PASSWORD = "bench", "bench-password-1"
 TIMEOUT_S = 5
@@ -86,14 +96,6 @@ class Row:
     cpu_ms: float = 0.0
 
 
-def is_vllm(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return b"OCRSITE_VLLM_INSTANCE=" in handle.read()
-    except OSError:
-        return False
-
-
 class Running:
     """One server process on a copy of the template data directory."""
 
@@ -119,10 +121,12 @@ class Running:
         time.sleep(1)  # settle: the first requests import lazily
 
     def pids(self) -> list[int]:
-        return [p for p in process_tree(self.process.pid) if not is_vllm(p)]
+        """The server's own processes: not the watchdogs it started, nor the vLLM groups under them."""
+        others = {w.pid for w in watchdogs_of(self.process.pid)} | set(self.vllm_pids())
+        return [p for p in process_tree(self.process.pid) if p not in others]
 
     def vllm_pids(self) -> list[int]:
-        return [p for p in processes_with_marker(self.env["OCRSITE_TEST_MARKER"]) if is_vllm(p)]
+        return vllm_pids(self.env)
 
     def measure(self, probe: Callable[[], str]) -> str:
         """`probe`'s result with the peak RSS above idle and the peak temporary bytes during it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,10 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+
+import psutil
+
+from vllm_control.processes import GroupRecord, group_members, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_VLLM = REPO / "tests" / "fakes" / "vllm"
@@ -40,34 +45,57 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, message: str =
 
 
 def pid_alive(pid: int) -> bool:
+    """`pid` is a running process (not a zombie waiting for its parent)."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
-
-
-def processes_in_group(pgid: int) -> list[int]:
-    from vllm_control.supervisor import group_members  # needs Django set up; bench imports this module before
-
-    return group_members(pgid)
 
 
 def processes_with_marker(marker: str) -> list[int]:
-    """Live pids whose environment holds `marker` (tests tag every process they start with one)."""
+    """Live pids whose environment holds OCRSITE_TEST_MARKER=`marker` (tests tag every process they start).
+
+    A process that renamed itself with setproctitle (the double's EngineCore and workers, as vLLM's) has
+    lost its environment block: `kill_test_processes` also finds those through the supervisor's record.
+    """
     pids = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                if needle in handle.read() and pid_alive(int(entry)):
-                    pids.append(int(entry))
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            if process.environ().get("OCRSITE_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+                pids.append(process.pid)
+        except psutil.Error:
             continue
     return pids
+
+
+def kill_test_processes(marker: str, data_dir: Path | None = None) -> None:
+    """Safety net after a test: SIGKILL its tagged processes and the vLLM groups recorded in `data_dir`."""
+    for record_file in data_dir.glob("vllm-*.pgid") if data_dir is not None else ():
+        with contextlib.suppress(ValueError):
+            record = GroupRecord.read(record_file)
+            if record is not None and record.survivors():
+                signal_group(record.pgid, signal.SIGKILL)
+    for pid in set(processes_with_marker(marker)) - {os.getpid()}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def vllm_record(env: Mapping[str, str]) -> GroupRecord | None:
+    """The record of the vLLM group that a supervisor with this environment (OCRSITE_DATA_DIR, VLLM_PORT)
+    runs or left behind."""
+    return GroupRecord.read(Path(env["OCRSITE_DATA_DIR"]) / f"vllm-{env['VLLM_PORT']}.pgid")
+
+
+def vllm_pids(env: Mapping[str, str]) -> list[int]:
+    """The live processes of that recorded vLLM group: the double's API server, EngineCore and workers."""
+    record = vllm_record(env)
+    return group_members(record.pgid) if record is not None else []
+
+
+def watchdogs_of(supervisor_pid: int) -> list[psutil.Process]:
+    """The watchdogs a supervising process started (one per local server it runs); vLLM runs under them."""
+    children = psutil.Process(supervisor_pid).children()
+    return [child for child in children if "vllm_control.watchdog" in child.cmdline()]
 
 
 def service_available(host: str, port: int) -> bool:

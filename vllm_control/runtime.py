@@ -2,9 +2,9 @@
 
 The Local supervisor lives on one event loop for the life of the process: the ASGI server's loop (bound
 by the lifespan), the loop of a command's `asyncio.run`, or, when a sync caller (a view under a WSGI
-server, a test client) needs it first, a background thread's loop. The vLLM child gets a parent-death
-signal tied to the thread that spawned it, so that loop's thread must live as long as the supervisor.
-Calls from other loops or threads are run on that loop.
+server, a test client) needs it first, a background thread's loop. The supervisor's subprocess and tasks
+belong to that loop, so it must run as long as the supervisor. Calls from other loops or threads are run
+on that loop.
 """
 
 from __future__ import annotations

@@ -2,10 +2,14 @@
 
 One explicit state machine (TRANSITIONS below). vLLM spawns children of its own (EngineCore, workers)
 that keep the GPU when only the parent dies, so everything acts on the whole process group:
-  - the child runs in its own session/process group, with a parent-death signal;
-  - its process group id is recorded in DATA_DIR so the next start kills a leftover group (checked by a
-    marker variable in the processes' environment, so a reused pid is never killed);
-  - stop = stop signal to the group, SIGKILL to the group after the grace period, then confirm it is empty.
+  - vLLM runs in its own session/process group under a watchdog (vllm_control.watchdog), which stops the
+    group when this process dies, however it dies; to the supervisor the watchdog looks like vLLM (its
+    output, its exit status);
+  - stop = close the watchdog's lifeline: stop signal to the group, SIGKILL to the group after the grace
+    period; then confirm the group is empty;
+  - the group and the start time of each of its processes are recorded in DATA_DIR
+    (processes.GroupRecord), so the next start kills whatever survived a watchdog killed too, and a
+    reused pid never.
 Only one process supervises a port (an flock in DATA_DIR); another process that cannot take the lock
 observes the server over HTTP instead of spawning a second one, and takes over when the lock frees.
 All methods must run on the event loop the supervisor was started on (see vllm_control.runtime).
@@ -16,15 +20,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import fcntl
-import json
 import logging
 import os
 import signal
 import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,11 +34,13 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from vllm_control import watchdog
 from vllm_control.command import build_command, redact
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
-from vllm_control.external import now_iso, probe
+from vllm_control.external import probe
+from vllm_control.processes import GroupRecord, await_group_gone, group_members, signal_group
 from vllm_control.startup_errors import classify, not_found
 from vllm_control.status import ServerState, ServerStatus
 
@@ -56,15 +59,11 @@ TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
 }
 
-INSTANCE_MARKER = "OCRSITE_VLLM_INSTANCE"
 LOG_TAIL_LINES = 200
 STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart count
 HEALTH_FAILURES = 3  # consecutive failed health checks that count as a hang
 READINESS_POLL_S = 0.5
 GROUP_EXIT_WAIT_S = 10.0
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: the pre-exec function must not load libraries
 
 
 _KEEP = object()  # _set_state: leave last_error as it is
@@ -81,58 +80,6 @@ class RunEnd:
     reason: str
     retryable: bool
     ready_for_s: float = 0.0
-
-
-# --- process groups -------------------------------------------------------------------------------------
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids in process group `pgid`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            pids.append(int(entry))
-    return pids
-
-
-def has_marker(pid: int, instance: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return f"{INSTANCE_MARKER}={instance}".encode() in handle.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-async def wait_group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while group_members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:
-        # Runs in the child between fork and exec. The signal fires when the *thread* that forked exits,
-        # which is why the supervisor spawns from its long-lived event-loop thread.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -177,8 +124,7 @@ class Supervisor:
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._run_lines: deque[str] = deque(maxlen=2 * LOG_TAIL_LINES)
         self._listeners: list[Callable[[ServerStatus], None]] = []
-        self._proc: asyncio.subprocess.Process | None = None
-        self._pgid: int | None = None
+        self._vllm: watchdog.Supervised | None = None  # the current run: vLLM's pid is its group's number
         self._spawned_at: float | None = None
         self._ready_since: float | None = None
         self._run_task: asyncio.Task | None = None
@@ -212,14 +158,15 @@ class Supervisor:
 
     # --- status and notifications ----------------------------------------------------------------------
     def status(self) -> ServerStatus:
-        alive = self._proc is not None and self._proc.returncode is None
+        vllm = self._vllm
+        alive = vllm is not None and vllm.process.returncode is None
         return ServerStatus(
             mode="local",
             state=self.state,
             model=self.config.served_model_name,
             base_url=self.config.base_url,
             port=self.config.port,
-            pid=self._proc.pid if alive else None,
+            pid=vllm.pid if alive and vllm is not None else None,
             restart_count=self.restart_count,
             uptime_s=round(time.monotonic() - self._spawned_at, 1) if alive and self._spawned_at else None,
             last_health_check=self.last_health_check,
@@ -304,7 +251,7 @@ class Supervisor:
                 await asyncio.gather(self._spawn_task, return_exceptions=True)
             if self.state in (ServerState.STARTING, ServerState.READY, ServerState.UNHEALTHY):
                 self._set_state(ServerState.STOPPING)
-            if self._pgid is not None:
+            if self._vllm is not None:
                 await self._terminate(graceful=True)
             self._release_lock()
             if self.state != ServerState.STOPPED:
@@ -371,7 +318,7 @@ class Supervisor:
         except Exception as exc:
             logger.exception("The vLLM supervisor failed")
             with contextlib.suppress(Exception):
-                if self._pgid is not None:
+                if self._vllm is not None:
                     await self._terminate(graceful=False)
             if self.state != ServerState.FAILED:
                 self._set_state(ServerState.FAILED, error=f"The vLLM supervisor failed: {exc}")
@@ -387,64 +334,59 @@ class Supervisor:
         self._spawn_task = asyncio.ensure_future(self._spawn())
         try:
             # Shielded: a stop() arriving now waits for the spawn, so the new process is always known.
-            proc = await asyncio.shield(self._spawn_task)
+            vllm = await asyncio.shield(self._spawn_task)
         except (FileNotFoundError, PermissionError, NotADirectoryError):
             return RunEnd(not_found(self.config.vllm_bin).message, retryable=False)
-        end = await self._wait_for_readiness(proc)
+        end = await self._wait_for_readiness(vllm)
         if end is None:
             self._ready_since = time.monotonic()
             self._set_state(ServerState.READY, error=None)
-            end = await self._monitor(proc)
-        await self._terminate(graceful=proc.returncode is None)
+            end = await self._monitor(vllm)
+        await self._terminate(graceful=vllm.process.returncode is None)
         return end
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> watchdog.Supervised:
         argv = build_command(self.config)
-        instance = uuid.uuid4().hex
-        env = dict(os.environ, **{INSTANCE_MARKER: instance})
+        env = dict(os.environ)
         if self.config.hf_token:
             env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = self.config.hf_token
         logger.info("Starting vLLM: %s", " ".join(redact(argv)))
         self._run_lines.clear()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+        vllm = await watchdog.start(
+            argv,
             env=env,
-            start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
-            limit=1 << 20,
+            stop_signal=self.config.stop_signal,
+            grace_ms=self.config.stop_grace_ms,
+            record=self.pgid_file,
+            output_limit=1 << 20,
         )
-        self._proc, self._pgid, self._spawned_at = proc, proc.pid, time.monotonic()
-        self._write_pgid_file(proc.pid, instance)
-        self._exit_task = asyncio.create_task(_exited(proc))
-        self._reader_task = asyncio.create_task(self._read_output(proc))
+        self._vllm, self._spawned_at = vllm, time.monotonic()
+        self._exit_task = asyncio.create_task(_exited(vllm.process))
+        self._reader_task = asyncio.create_task(self._read_output(vllm))
         self._changed()
-        return proc
+        return vllm
 
-    async def _wait_for_readiness(self, proc: asyncio.subprocess.Process) -> RunEnd | None:
+    async def _wait_for_readiness(self, vllm: watchdog.Supervised) -> RunEnd | None:
         deadline = time.monotonic() + self.config.start_timeout_s
         assert self._exit_task is not None
         while True:
             await asyncio.wait({self._exit_task}, timeout=READINESS_POLL_S)
             if self._exit_task.done():
-                return await self._startup_failure(proc)
+                return await self._startup_failure(vllm)
             if time.monotonic() >= deadline:
                 return RunEnd(f"vLLM did not become ready within {self.config.start_timeout_s} s.", retryable=True)
             result = await self._probe(timeout=2.0, fetch_version=True)
             if result.ok:
                 return None
 
-    async def _startup_failure(self, proc: asyncio.subprocess.Process) -> RunEnd:
-        if self._pgid is not None:  # its children may hold the output pipe open
-            signal_group(self._pgid, signal.SIGKILL)
-        if self._reader_task is not None:
+    async def _startup_failure(self, vllm: watchdog.Supervised) -> RunEnd:
+        if self._reader_task is not None:  # the watchdog killed what vLLM left, which may hold the pipe
             await asyncio.wait({self._reader_task}, timeout=2.0)
-        error = classify(self._run_lines, model=self.config.model, port=self.config.port, returncode=proc.returncode)
+        returncode = vllm.process.returncode
+        error = classify(self._run_lines, model=self.config.model, port=self.config.port, returncode=returncode)
         return RunEnd(error.message, retryable=error.retryable)
 
-    async def _monitor(self, proc: asyncio.subprocess.Process) -> RunEnd:
+    async def _monitor(self, vllm: watchdog.Supervised) -> RunEnd:
         assert self._exit_task is not None
         failures = 0
         interval = self.config.health_check_interval_s
@@ -457,7 +399,7 @@ class Supervisor:
                 woken.cancel()
             ready_for = time.monotonic() - (self._ready_since or time.monotonic())
             if self._exit_task.done():
-                reason = f"vLLM (pid {proc.pid}) exited with code {proc.returncode}."
+                reason = f"vLLM (pid {vllm.pid}) exited with code {vllm.process.returncode}."
                 self._set_state(ServerState.UNHEALTHY, error=reason)
                 return RunEnd(reason, retryable=True, ready_for_s=ready_for)
             result = await self._probe(timeout=float(min(5, max(1, interval))), fetch_version=False)
@@ -479,7 +421,7 @@ class Supervisor:
             )
             if failures >= self.health_failures:
                 return RunEnd(
-                    f"vLLM (pid {proc.pid}) stopped answering health checks ({failures} consecutive failures).",
+                    f"vLLM (pid {vllm.pid}) stopped answering health checks ({failures} consecutive failures).",
                     retryable=True,
                     ready_for_s=ready_for,
                 )
@@ -519,17 +461,18 @@ class Supervisor:
             self.server_version = result.server_version or self.server_version
         return result
 
-    async def _read_output(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
+    async def _read_output(self, vllm: watchdog.Supervised) -> None:
+        output = vllm.process.stdout
+        assert output is not None
         while True:
             try:
-                raw = await proc.stdout.readline()
+                raw = await output.readline()
             except ValueError:  # a line longer than the buffer limit: take it in pieces
-                raw = await proc.stdout.read(1 << 16)
+                raw = await output.read(1 << 16)
             if not raw:
                 return
             line = self._redact(raw.decode(errors="replace").rstrip("\r\n"))
-            vllm_logger.info("[vllm:%d] %s", proc.pid, line)
+            vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
             self._publish_log_soon()
@@ -543,30 +486,32 @@ class Supervisor:
 
     # --- stopping and cleaning up process groups -----------------------------------------------------------
     async def _terminate(self, *, graceful: bool) -> None:
-        """Stop the current process group: stop signal, SIGKILL after the grace period, confirm it is empty."""
-        pgid, proc = self._pgid, self._proc
-        if pgid is None:
+        """Stop the current process group: stop signal, SIGKILL after the grace period, confirm it is empty.
+
+        The watchdog does it when its lifeline closes, as it would if this process died; not `graceful`
+        (vLLM crashed or hung) sends SIGKILL first. While the watchdog lives it has not reaped vLLM, so
+        vLLM's pid still names this group and no other.
+        """
+        vllm = self._vllm
+        if vllm is None:
             return
-        if graceful and group_members(pgid):
-            signal_group(pgid, self.config.stop_signal)
-            if not await wait_group_gone(pgid, self.config.stop_grace_ms / 1000):
-                logger.warning(
-                    "vLLM process group %d still running %d ms after %s; sending SIGKILL.",
-                    pgid,
-                    self.config.stop_grace_ms,
-                    self.config.stop_signal.name,
-                )
-        signal_group(pgid, signal.SIGKILL)
-        if not await wait_group_gone(pgid, GROUP_EXIT_WAIT_S):
-            logger.error("vLLM process group %d is still alive after SIGKILL: %s", pgid, group_members(pgid))
-        if self._exit_task is not None:
-            await asyncio.wait({self._exit_task}, timeout=GROUP_EXIT_WAIT_S)
+        assert self._exit_task is not None
+        watchdog_alive = vllm.process.returncode is None
+        if watchdog_alive and not graceful:
+            signal_group(vllm.pid, signal.SIGKILL)
+        vllm.release()
+        if watchdog_alive:
+            await asyncio.wait({self._exit_task}, timeout=self.config.stop_grace_ms / 1000 + 2 * GROUP_EXIT_WAIT_S)
+        if group_members(vllm.pid):  # the watchdog was killed, or is stuck: do its work
+            logger.error("vLLM process group %d outlived its watchdog; sending SIGKILL.", vllm.pid)
+            signal_group(vllm.pid, signal.SIGKILL)
+            if not await await_group_gone(vllm.pid, GROUP_EXIT_WAIT_S):
+                logger.error("vLLM process group %d survived SIGKILL: %s", vllm.pid, group_members(vllm.pid))
         if self._reader_task is not None:
             await asyncio.wait({self._reader_task}, timeout=1.0)
             self._reader_task.cancel()
-        if proc is not None:
-            logger.info("vLLM (pid %d) stopped with code %s.", proc.pid, proc.returncode)
-        self._pgid = None
+        logger.info("vLLM (pid %d) stopped with code %s.", vllm.pid, vllm.process.returncode)
+        self._vllm = None
         self._spawned_at = None
         self._ready_since = None
         with contextlib.suppress(FileNotFoundError):
@@ -574,32 +519,39 @@ class Supervisor:
         self._changed()
 
     async def _kill_leftover(self) -> None:
-        """Kill a process group recorded by an earlier supervisor that did not stop it (e.g. SIGKILLed)."""
+        """Kill what is left of a group recorded by an earlier supervisor that did not stop it.
+
+        That supervisor and its watchdog were both killed (or the machine lost power mid-stop). Only
+        processes the record names, by pid and start time, make the group count as ours.
+        """
         try:
-            record = json.loads(self.pgid_file.read_text())
-            pgid, instance = int(record["pgid"]), str(record["instance"])
-        except FileNotFoundError:
-            return
-        except (ValueError, KeyError, TypeError):
-            self.pgid_file.unlink(missing_ok=True)
-            return
-        ours = [pid for pid in group_members(pgid) if has_marker(pid, instance)]
-        if ours:
-            logger.warning("Killing leftover vLLM process group %d (pids %s) from an earlier run.", pgid, ours)
-            signal_group(pgid, signal.SIGKILL)
-            if not await wait_group_gone(pgid, GROUP_EXIT_WAIT_S):
-                logger.error("Leftover vLLM process group %d survived SIGKILL.", pgid)
+            record = GroupRecord.read(self.pgid_file)
+        except ValueError as exc:
+            logger.warning("Ignoring a damaged record: %s", exc)
+            record = None
+        if record is not None and (survivors := record.survivors()):
+            logger.warning(
+                "Killing leftover vLLM process group %d (pids %s) of an earlier supervisor (pid %d, started %s).",
+                record.pgid,
+                [process.pid for process in survivors],
+                record.supervisor_pid,
+                record.started_at,
+            )
+            signal_group(record.pgid, signal.SIGKILL)
+            if not await await_group_gone(record.pgid, GROUP_EXIT_WAIT_S):
+                logger.error("Leftover vLLM process group %d survived SIGKILL.", record.pgid)
         self.pgid_file.unlink(missing_ok=True)
 
-    def _write_pgid_file(self, pgid: int, instance: str) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        record = {"pgid": pgid, "instance": instance, "started_at": now_iso(), "supervisor_pid": os.getpid()}
-        self.pgid_file.write_text(json.dumps(record))
-
     def _kill_at_exit(self) -> None:
-        # Also runs on the development autoreloader's sys.exit(3), where no lifespan shutdown happens.
-        if self._pgid is not None:
-            signal_group(self._pgid, signal.SIGKILL)
+        """Synchronous last resort (atexit; a supervisor whose loop is gone): SIGKILL the group, close the lifeline.
+
+        Also runs on the development autoreloader's sys.exit(3), where no lifespan shutdown happens.
+        """
+        vllm, self._vllm = self._vllm, None
+        if vllm is not None:
+            if vllm.process.returncode is None:  # the watchdog lives, so vLLM's pid names its group
+                signal_group(vllm.pid, signal.SIGKILL)
+            vllm.release()
 
     def _take_lock(self) -> bool:
         if self._lock_fd is not None:

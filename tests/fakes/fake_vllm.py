@@ -1,7 +1,15 @@
 """A stand-in for `vllm serve`: same command line, same HTTP API shapes, same process behaviour.
 
 Run through the `vllm` script next to this file. Only the standard library is imported at start-up;
-Pillow (and `pages`) are imported on the first chat request.
+Pillow (and `pages`) are imported on the first chat request, setproctitle by the child processes.
+
+Processes, as `vllm serve` with its multiprocessing executor: the API server (the process started)
+spawns `VLLM::EngineCore` in its process group, which spawns one worker per tensor-parallel rank
+(`VLLM::Worker`, or `VLLM::Worker_TP0`, ... with --tensor-parallel-size N). Both rename themselves with
+setproctitle as vLLM does, which overwrites their command line and environment block. SIGTERM or SIGINT
+to the API server stops them all; so does SIGTERM to the group. When the API server dies abnormally
+(SIGKILL, FAKE_VLLM_CRASH_AFTER) the EngineCore stays, and with it its workers; a worker exits when its
+EngineCore is gone (its death pipe reaches end-of-file).
 
 Knobs (environment variables):
   FAKE_VLLM_STARTUP_DELAY   seconds before listening (port bound at once, connections refused), default 0.5
@@ -32,7 +40,7 @@ Knobs (environment variables):
   FAKE_VLLM_SEED            seed for the rates above
   FAKE_VLLM_HANG_AFTER      after N answered chat requests every endpoint (even /health) stops answering
   FAKE_VLLM_CRASH_AFTER     after N answered chat requests the API process exits 1, its EngineCore left behind
-  FAKE_VLLM_IGNORE_SIGTERM  1: SIGTERM and SIGINT ignored by the API process and its EngineCore
+  FAKE_VLLM_IGNORE_SIGTERM  1: SIGTERM and SIGINT ignored by the API process, its EngineCore and workers
   FAKE_VLLM_FAIL_WITH       print vLLM's failure output and exit 1 without listening: see FAIL_CASES
   FAKE_VLLM_REQUIRE_HF_TOKEN  fail like a gated repo unless HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) equals it
   FAKE_VLLM_ROTATED_PAGES   pages that olmOCR-style prompts report as needing rotation_correction 90 until
@@ -53,11 +61,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ctypes
 import io
 import json
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -419,25 +427,48 @@ IMMEDIATE_CASES = {"broken_install", "address_in_use", "no_gpu"}
 # --------------------------------------------------------------------------------------------- engine core child
 
 
-def set_process_name(name: str) -> None:
-    try:
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+def set_process_title(name: str) -> None:
+    """vLLM's `set_process_title`: setproctitle("VLLM::<name>"). Like vLLM's, it overwrites the process's
+    command line and environment block (/proc/PID/cmdline and /proc/PID/environ), so nothing can find
+    the process by a variable its parent set any more."""
+    import setproctitle  # test-only dependency (pyproject's dev extra), as vLLM depends on it
+
+    setproctitle.setproctitle(f"VLLM::{name}")
 
 
-def run_engine_core(parent_pid: int) -> int:
-    """The child: idles like an EngineCore; stops on SIGTERM; orphaned, it lingers for a long time."""
-    knobs = Knobs()
-    set_process_name("VLLM::EngineCore")
-    role = "EngineCore_DP0"
+def _exit_on_sigterm(knobs: Knobs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server stops us; Ctrl+C to the group is its job
-    if knobs.ignore_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else lambda *_: os._exit(0))
+
+
+def run_engine_core(parent_pid: int, workers: int, ready_fd: int) -> int:
+    """The EngineCore child: renames itself, spawns its workers and reports ready (one byte on `ready_fd`,
+    vLLM's start-up handshake) once they are, idles; stops on SIGTERM.
+
+    Orphaned (its API server died without stopping it) it lingers for FAKE_VLLM_ORPHAN_LINGER seconds,
+    as vLLM's does (vllm-project/vllm#55510)."""
+    knobs = Knobs()
+    set_process_title("EngineCore")
+    role = "EngineCore_DP0"
+    _exit_on_sigterm(knobs)
     log("INFO", "core.py:93", "Initializing a V1 LLM engine (v%s) with config: device_config=cpu (test double)" % VERSION, role)
+    # vLLM's MultiprocExecutor: one worker per tensor-parallel rank, each watching a death pipe from us and
+    # reporting ready on a pipe of its own.
+    death_read, _death_write = os.pipe()  # we hold the write end until we exit
+    ready_read, ready_write = os.pipe()
+    names = ["Worker"] if workers == 1 else [f"Worker_TP{rank}" for rank in range(workers)]
+    for name in names:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(death_read), str(ready_write)]
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(death_read, ready_write))
+    os.close(death_read)
+    os.close(ready_write)
+    for _ in names:
+        if not os.read(ready_read, 1):
+            log("ERROR", "multiproc_executor.py:520", "WorkerProc failed to start.", role)
+            return 1
     log("INFO", "core.py:215", "init engine (profile, create kv cache, warmup model) took 0.01 seconds", role)
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
     started = time.monotonic()
     orphaned_at: float | None = None
     while True:
@@ -449,6 +480,20 @@ def run_engine_core(parent_pid: int) -> int:
         if now - started > knobs.max_lifetime:
             return 0
         time.sleep(0.2)
+
+
+def run_worker(name: str, death_pipe: int, ready_fd: int) -> int:
+    """A worker grandchild: renames itself, reports ready; exits on SIGTERM or when its EngineCore is gone
+    (its death pipe reaches end-of-file), as vLLM's WorkerProc does."""
+    knobs = Knobs()
+    set_process_title(name)
+    _exit_on_sigterm(knobs)
+    os.write(ready_fd, b"1")
+    os.close(ready_fd)
+    readable, _, _ = select.select([death_pipe], [], [], knobs.max_lifetime)
+    if readable:  # nothing is ever written: readable means end-of-file
+        log("INFO", "multiproc_executor.py:574", "Parent process exited, terminating worker queues", name)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------- server state
@@ -1002,12 +1047,29 @@ class Server(ThreadingHTTPServer):
 # --------------------------------------------------------------------------------------------- main
 
 
-def spawn_engine_core() -> subprocess.Popen:
+def spawn_engine_core(args: ServeArgs) -> tuple[subprocess.Popen, int]:
+    """The EngineCore and the read end of the pipe on which it reports ready."""
+    size = str(args.other.get("tensor-parallel-size", "1"))
+    workers = size if size.isdigit() and int(size) > 0 else "1"
+    ready_read, ready_write = os.pipe()
     # Same process group as us (no new session): a group signal reaches it, a parent-only kill does not.
-    return subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--engine-core", str(os.getpid())],
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--engine-core", str(os.getpid()), workers, str(ready_write)],
         stdin=subprocess.DEVNULL,
+        pass_fds=(ready_write,),
     )
+    os.close(ready_write)
+    return child, ready_read
+
+
+def engine_ready(ready_fd: int, stop: threading.Event) -> bool:
+    """Wait for the EngineCore's handshake, as vLLM's API server does before it serves: True when it
+    reported ready; False when it died first or we were asked to stop."""
+    while not stop.is_set():
+        readable, _, _ = select.select([ready_fd], [], [], 0.1)
+        if readable:
+            return bool(os.read(ready_fd, 1))
+    return False
 
 
 def stop_child(child: subprocess.Popen | None, grace: float = 5.0) -> None:
@@ -1079,7 +1141,7 @@ def serve(argv: list[str]) -> int:
         _emit(sys.stderr, f"OSError: [Errno {exc.errno}] {exc.strerror}")
         return 1
 
-    child = spawn_engine_core()
+    child, engine_ready_fd = spawn_engine_core(args)
     if knobs.require_hf_token and os.environ.get("HF_TOKEN", os.environ.get("HUGGING_FACE_HUB_TOKEN", "")) != knobs.require_hf_token:
         stop.wait(knobs.startup_delay)
         server.server_close()
@@ -1087,8 +1149,13 @@ def serve(argv: list[str]) -> int:
     stopped = stop.wait(knobs.startup_delay)
     while knobs.hold_until and not stopped and not Path(knobs.hold_until).exists():
         stopped = stop.wait(0.05)
-    if stopped:
+    if stopped or not engine_ready(engine_ready_fd, stop):
         server.server_close()
+        if not stop.is_set():
+            _emit(sys.stderr, "RuntimeError: Engine core initialization failed. See root cause above. "
+                              "Failed core proc(s): {}")
+            stop_child(child)
+            return 1
         log("INFO", "launcher.py:110", "Shutting down FastAPI HTTP server.")
         stop_child(child)
         return 0
@@ -1128,7 +1195,9 @@ def serve(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--engine-core"]:
-        return run_engine_core(int(argv[1]))
+        return run_engine_core(int(argv[1]), int(argv[2]), int(argv[3]))
+    if argv[:1] == ["--worker"]:
+        return run_worker(argv[1], int(argv[2]), int(argv[3]))
     if argv[:1] in (["--version"], ["-v"]):
         print(VERSION)
         return 0

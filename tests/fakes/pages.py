@@ -13,6 +13,8 @@ only read correctly once flattened onto white, the way the OCR pipeline must do 
 
 from __future__ import annotations
 
+import base64
+import io
 import random
 import zlib
 from collections.abc import Sequence
@@ -93,6 +95,15 @@ def page_image(number: int, size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Image
     draw_marker(draw, number, width, height)
     _draw_body(draw, number, width, height, ink=90)
     return image
+
+
+def chat_request(number: int, model: str) -> dict:
+    """An OpenAI chat-completions request body whose only content is page `number` as a PNG data URI."""
+    buffer = io.BytesIO()
+    page_image(number).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": uri}}]
+    return {"model": model, "messages": [{"role": "user", "content": content}]}
 
 
 def _draw_body(draw: ImageDraw.ImageDraw, number: int, width: int, height: int, ink) -> None:

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pypdfium2 as pdfium
 import pytest
 from PIL import Image, ImageOps
 
 from tests.fakes import pages
-from tests.support import FAKE_VLLM, free_port, pid_alive, port_open, processes_in_group, wait_until
+from tests.support import FAKE_VLLM, free_port, pid_alive, port_open, wait_until
+from vllm_control.processes import group_members
 
 MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 OLMOCR_PROMPT = (
@@ -303,17 +305,42 @@ async def test_async_httpx_client_with_keep_alive(start_double):
 
 
 def _children(double: Double) -> list[int]:
-    return [pid for pid in processes_in_group(double.proc.pid) if pid != double.proc.pid]
+    return [pid for pid in group_members(double.proc.pid) if pid != double.proc.pid]
+
+
+def _names(pids: list[int]) -> list[str]:
+    return sorted(psutil.Process(pid).name() for pid in pids)
+
+
+def _engine_core(double: Double) -> int:
+    (engine,) = [pid for pid in _children(double) if psutil.Process(pid).name() == "VLLM::EngineCore"]
+    return engine
+
+
+def test_engine_core_and_workers_rename_themselves_like_vllms(start_double, monkeypatch):
+    monkeypatch.setenv("SET_BY_THE_PARENT", "visible")
+    double = start_double("--tensor-parallel-size", "2")  # ready: the EngineCore and its workers are up
+    children = _children(double)
+    assert _names(children) == ["VLLM::EngineCore", "VLLM::Worker_TP0", "VLLM::Worker_TP1"]
+    engine = psutil.Process(_engine_core(double))
+    assert engine.ppid() == double.proc.pid
+    assert {child.ppid() for child in map(psutil.Process, children) if child != engine} == {engine.pid}
+    # setproctitle overwrote their command line and environment block, as it does in vLLM's processes.
+    assert psutil.Process(double.proc.pid).environ()["SET_BY_THE_PARENT"] == "visible"
+    for pid in children:
+        assert "SET_BY_THE_PARENT" not in psutil.Process(pid).environ()
+        assert psutil.Process(pid).cmdline()[0].startswith("VLLM::")
+    assert _names(_children(start_double())) == ["VLLM::EngineCore", "VLLM::Worker"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_server_and_its_engine_core(start_double, signum):
     double = start_double()
     children = _children(double)
-    assert len(children) == 1
+    assert len(children) == 2
     os.kill(double.proc.pid, signum)
     assert double.proc.wait(10) == 0
-    wait_until(lambda: not processes_in_group(double.proc.pid), 10, message="group empty")
+    wait_until(lambda: not group_members(double.proc.pid), 10, message="group empty")
     assert "Shutting down" in double.output()
 
 
@@ -323,25 +350,34 @@ def test_ignore_sigterm_needs_sigkill(start_double):
     os.killpg(double.proc.pid, signal.SIGINT)
     time.sleep(0.5)
     assert double.proc.poll() is None
-    assert len(processes_in_group(double.proc.pid)) == 2
+    assert len(group_members(double.proc.pid)) == 3
     double.kill()
-    wait_until(lambda: not processes_in_group(double.proc.pid), 10, message="group empty")
+    wait_until(lambda: not group_members(double.proc.pid), 10, message="group empty")
 
 
-def test_sigkill_of_the_parent_leaves_the_engine_core_running(start_double):
+def test_sigkill_of_the_parent_leaves_the_engine_core_and_worker_running(start_double):
     double = start_double()
-    (child,) = _children(double)
+    children = _children(double)
     os.kill(double.proc.pid, signal.SIGKILL)
     double.proc.wait(5)
     time.sleep(1.0)
-    assert pid_alive(child)  # orphaned, like vLLM's EngineCore; only a group kill cleans up
+    assert all(pid_alive(child) for child in children)  # orphaned, like vLLM's; only a group kill cleans up
     os.killpg(double.proc.pid, signal.SIGKILL)
-    wait_until(lambda: not pid_alive(child), 10, message="orphan killed")
+    wait_until(lambda: not any(pid_alive(child) for child in children), 10, message="orphans killed")
+
+
+def test_a_worker_exits_when_its_engine_core_is_gone(start_double):
+    double = start_double()
+    engine = _engine_core(double)
+    (worker,) = set(_children(double)) - {engine}
+    os.kill(engine, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(worker), 10, message="the worker to notice its death pipe")
+    assert "Parent process exited, terminating worker queues" in double.output()
 
 
 def test_crash_after_n_requests_exits_1_and_orphans_the_child(start_double):
     double = start_double(env={"FAKE_VLLM_CRASH_AFTER": "2"})
-    (child,) = _children(double)
+    child = _engine_core(double)
     body = chat_body(data_uri(pages.page_image(4, (400, 520))))
     with httpx.Client(base_url=double.url, timeout=10) as client:
         assert client.post("/v1/chat/completions", json=body).status_code == 200
@@ -391,7 +427,7 @@ def test_fail_with_prints_vllms_message_and_exits_1(start_double):
             problems.append(f"{case}: became ready")
     assert not problems, "\n\n".join(problems)
     for double in doubles.values():
-        wait_until(lambda: not processes_in_group(double.proc.pid), 10, message="no process left")
+        wait_until(lambda: not group_members(double.proc.pid), 10, message="no process left")
 
 
 def test_port_taken_by_a_stranger_fails_with_address_in_use(start_double):
@@ -414,7 +450,7 @@ def test_required_hf_token(start_double):
 def test_max_lifetime_ends_the_whole_double(start_double):
     double = start_double(env={"FAKE_VLLM_MAX_LIFETIME": "1.5"})
     assert double.proc.wait(10) == 3
-    wait_until(lambda: not processes_in_group(double.proc.pid), 10, message="group gone")
+    wait_until(lambda: not group_members(double.proc.pid), 10, message="group gone")
 
 
 # ------------------------------------------------------------------------------------ the inputs and marker

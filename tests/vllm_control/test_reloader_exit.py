@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import REPO, free_port, pid_alive, processes_in_group, project_env, wait_until
+from tests.support import REPO, free_port, pid_alive, project_env, wait_until
+from vllm_control.processes import group_members
 
 SCRIPT = """
 import asyncio, os, sys, threading, django
@@ -38,4 +39,4 @@ def test_reloader_exit_leaves_no_vllm_process(tmp_path) -> None:
     )
     assert result.returncode == 3, result.stderr[-2000:]
     pid = int(result.stdout.split()[0])
-    wait_until(lambda: not pid_alive(pid) and processes_in_group(pid) == [], 10, message="the vLLM group to be gone")
+    wait_until(lambda: not pid_alive(pid) and group_members(pid) == [], 10, message="the vLLM group to be gone")

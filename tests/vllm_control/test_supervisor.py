@@ -6,15 +6,21 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import time
+from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
-from tests.support import pid_alive, processes_in_group
+from tests.fakes.pages import chat_request
+from tests.support import pid_alive
 from tests.vllm_control.conftest import make_local_config
 from vllm_control.errors import ModelServerUnavailable
+from vllm_control.processes import GroupRecord, ProcessIdentity, group_members
 from vllm_control.status import ServerState
-from vllm_control.supervisor import TRANSITIONS, Supervisor, group_members
+from vllm_control.supervisor import TRANSITIONS, Supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -27,39 +33,20 @@ async def wait_for(predicate, timeout: float, message: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def recorded(data_dir: Path, port: int) -> tuple[ProcessIdentity, ...]:
+    record = GroupRecord.read(data_dir / f"vllm-{port}.pgid")
+    return record.processes if record is not None else ()
+
+
 def engine_children(pid: int) -> list[int]:
-    """The double's EngineCore child(ren) of `pid`."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                children.append(int(entry))
-    return children
+    """The double's EngineCore and worker processes under its API server `pid`."""
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
 
 async def send_page(port: int, model: str) -> None:
     """One valid chat request with a page image (what the double counts for its crash/hang knobs)."""
-    import base64
-    import io
-
-    import httpx
-
-    from tests.fakes.pages import page_image
-
-    buffer = io.BytesIO()
-    page_image(1).save(buffer, format="PNG")
-    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri}}]}],
-    }
     async with httpx.AsyncClient(timeout=5) as client:
-        response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+        response = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat_request(1, model))
     assert response.status_code == 200, response.text
 
 
@@ -95,12 +82,19 @@ async def test_spawn_ready_and_stop_leaves_nothing(supervisors, port, test_marke
     assert status.server_version
     assert status.supervised_here
     assert any("Application startup complete" in line for line in status.log_tail)
-    assert (tmp_path / f"vllm-{port}.pgid").exists()
     pgid = status.pid
-    assert len(processes_in_group(pgid)) >= 2  # the double's EngineCore child is in the group
+    await wait_for(lambda: len(recorded(tmp_path, port)) >= 3, 10, "the EngineCore and worker in the record")
+    assert {identity.pid for identity in recorded(tmp_path, port)} == set(group_members(pgid))
+    assert all(identity.matches(psutil.Process(identity.pid)) for identity in recorded(tmp_path, port))
+    watchdog = psutil.Process(pgid).parent()  # between the supervisor and vLLM
+    assert watchdog.ppid() == os.getpid() and "vllm_control.watchdog" in watchdog.cmdline()
+    assert watchdog.cmdline()[3:9] == ["--stop-signal", "SIGTERM", "--grace-ms", "1000", "--record",
+                                       str(tmp_path / f"vllm-{port}.pgid")]
+    assert os.getpgid(watchdog.pid) not in (pgid, os.getpgid(0))  # neither group's stop reaches it
     await supervisor.stop()
     assert supervisor.state == ServerState.STOPPED
-    assert processes_in_group(pgid) == []
+    assert group_members(pgid) == []
+    assert not watchdog.is_running()  # reaped: it exited when the pipe closed
     assert not (tmp_path / f"vllm-{port}.pgid").exists()
     assert events[0] == ServerState.STARTING and ServerState.READY in events and events[-1] == ServerState.STOPPED
 
@@ -202,24 +196,81 @@ async def test_hf_token_reaches_the_server(supervisors, port, monkeypatch):
     assert (await supervisor.wait_ready(30)).state == ServerState.READY
 
 
+async def vanish(supervisor: Supervisor):
+    """Make the supervisor forget its server without stopping it, as if its process had died (but keep
+    the lifeline open); returns the forgotten run."""
+    supervisor._run_task.cancel()
+    await asyncio.gather(supervisor._run_task, return_exceptions=True)
+    supervisor._run_task = None
+    vllm, supervisor._vllm = supervisor._vllm, None
+    supervisor._release_lock()
+    return vllm
+
+
 async def test_leftover_group_of_a_dead_supervisor_is_killed_at_next_start(supervisors, port, tmp_path, test_marker):
     first = supervisors(port)
     await first.start()
     pid = (await first.wait_ready(30)).pid
-    # Simulate the supervisor vanishing: forget the process without stopping it and free the lock.
-    first._run_task.cancel()
-    await asyncio.gather(first._run_task, return_exceptions=True)
-    first._run_task = None
-    first._pgid = None
-    first._release_lock()
-    os.kill(pid, signal.SIGKILL)  # the parent-death signal's effect; its EngineCore child lingers
-    await wait_for(lambda: not pid_alive(pid), 5, "the parent to die")
-    assert group_members(pid)  # the orphaned child is still there
+    await wait_for(lambda: len(recorded(tmp_path, port)) >= 3, 10, "the EngineCore and worker in the record")
+    # The supervisor and its watchdog both die (e.g. a SIGKILL of both); no process is left to stop the group.
+    forgotten = await vanish(first)
+    os.kill(forgotten.process.pid, signal.SIGKILL)
+    await wait_for(lambda: not pid_alive(pid), 5, "the parent-death signal to kill vLLM's API server")
+    assert sorted(psutil.Process(p).name() for p in group_members(pid)) == ["VLLM::EngineCore", "VLLM::Worker"]
     second = supervisors(port)
     await second.start()
     status = await second.wait_ready(30)
     assert group_members(pid) == []
     assert status.pid != pid
+
+
+async def test_a_killed_watchdog_is_a_crash_the_group_goes_and_the_server_restarts(supervisors, port):
+    supervisor = supervisors(port)
+    await supervisor.start()
+    first = (await supervisor.wait_ready(30)).pid
+    children = engine_children(first)
+    os.kill(supervisor._vllm.process.pid, signal.SIGKILL)  # vLLM's API server gets its parent-death signal
+    await wait_for(lambda: supervisor.status().pid not in (None, first), 30, "the restart")
+    assert f"vLLM (pid {first}) exited with code -9." in supervisor.last_error
+    assert group_members(first) == [] and not any(pid_alive(child) for child in children)
+    await wait_for(lambda: supervisor.state == ServerState.READY, 30, "the restarted server")
+
+
+async def test_the_watchdog_stops_the_group_when_the_supervisor_is_gone_sigkill_after_grace(
+    supervisors, port, monkeypatch
+):
+    monkeypatch.setenv("FAKE_VLLM_IGNORE_SIGTERM", "1")  # only SIGKILL, after the grace period, stops it
+    supervisor = supervisors(port, stop_grace_ms=300)
+    await supervisor.start()
+    pgid = (await supervisor.wait_ready(30)).pid
+    forgotten = await vanish(supervisor)
+    forgotten.release()  # what the kernel does when the supervisor's process dies
+    await wait_for(lambda: group_members(pgid) == [], 10, "the group to be gone")
+    await wait_for(lambda: forgotten.process.returncode is not None, 5, "the watchdog to exit")
+    assert forgotten.process.returncode == -signal.SIGKILL  # as vLLM ended
+    said = f"ocrsite watchdog: vLLM process group {pgid} still running 300 ms after SIGTERM; sending SIGKILL."
+    await wait_for(lambda: said in supervisor.log_tail, 5, "the watchdog's line in vLLM's output")
+
+
+async def test_a_stale_record_whose_pids_were_reused_kills_nothing(supervisors, port, tmp_path):
+    # Unrelated processes hold the recorded group number and pids; the record's processes started earlier.
+    stranger = subprocess.Popen(["sh", "-c", "sleep 60 & exec sleep 60"], start_new_session=True)
+    try:
+        await wait_for(lambda: len(group_members(stranger.pid)) == 2, 10, "the stranger's two processes")
+        strangers = [psutil.Process(pid) for pid in group_members(stranger.pid)]
+        reused = [ProcessIdentity(p.pid, p.create_time() - 3600) for p in strangers]
+        ours_elsewhere = ProcessIdentity.of(psutil.Process())  # alive, but in another group than recorded
+        GroupRecord(stranger.pid, (*reused, ours_elsewhere), "2024-01-01T00:00:00+00:00", 1).write(
+            tmp_path / f"vllm-{port}.pgid"
+        )
+        supervisor = supervisors(port)
+        await supervisor.start()
+        status = await supervisor.wait_ready(30)
+        assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in strangers)
+        assert GroupRecord.read(tmp_path / f"vllm-{port}.pgid").pgid == status.pid  # the stale record is replaced
+    finally:
+        os.killpg(stranger.pid, signal.SIGKILL)
+        stranger.wait()
 
 
 async def test_second_supervisor_on_the_same_port_observes(supervisors, port):
