@@ -13,4 +13,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("scans/", include("scans.urls")),
     path("settings/", include("vllm_control.urls")),
+    path("", include("api.urls")),  # /api/v1/ and the API tokens page
 ]

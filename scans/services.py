@@ -21,6 +21,7 @@ from scans.models import Page, Scan
 from scans.pipeline import queue_signals
 from scans.pipeline.types import PageResult
 from scans.progress import publish_scan_on_commit
+from scans.signals import send_scan_finished_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ def cancel_scan(*, scan: Scan) -> bool:
         if changed:
             publish_scan_on_commit(scan.pk)
             transaction.on_commit(lambda: queue_signals.notify_cancelled(scan.pk))
+            send_scan_finished_on_commit(scan_id=scan.pk, status=Scan.Status.CANCELLED)
     scan.refresh_from_db()
     return bool(changed)
 
@@ -277,6 +279,7 @@ def finish_scan(*, scan_id: int, worker_id: str, error: str = "", failed: bool =
         if not ours.update(status=status, error=error, finished_at=now, heartbeat_at=None):
             return None
         scan = Scan.objects.get(pk=scan_id)
+        send_scan_finished_on_commit(scan_id=scan_id, status=status)
     return scan
 
 
