@@ -1,10 +1,21 @@
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
 from api import tokens
+from api.forms import WebhookForm
 from api.models import ApiToken, Webhook, WebhookDelivery
+
+
+class WebhookAdminForm(forms.ModelForm):
+    url = WebhookForm.base_fields["url"]
+    clean_url = WebhookForm.clean_url  # the allow-list, as on the API tokens page
+
+    class Meta:
+        model = Webhook
+        fields = ("url",)
 
 
 @admin.register(ApiToken)
@@ -34,6 +45,7 @@ class WebhookAdmin(admin.ModelAdmin):
     search_fields = ("user__username", "url")
     fields = ("user", "url", "updated_at")  # the secret is never shown here
     readonly_fields = ("user", "updated_at")
+    form = WebhookAdminForm
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -128,8 +128,8 @@ async def _send(claimed: Claimed) -> Outcome:
 
 
 async def attempt(delivery_id: int, *, now: datetime | None = None) -> str | None:
-    """One attempt of a due delivery; returns its new status, or None when it was not due (or another
-    process took it)."""
+    """One attempt of a delivery due at `now` (default: the clock's, when it is claimed and recorded);
+    returns its new status, or None when it was not due (or another process took it)."""
     claimed = await sync_to_async(_claim)(delivery_id, now or timezone.now())
     if claimed is None:
         return None
@@ -138,7 +138,7 @@ async def attempt(delivery_id: int, *, now: datetime | None = None) -> str | Non
     except Exception as exc:  # a bug must not stop the loop; the attempt counts as failed
         logger.exception("Webhook delivery %s failed unexpectedly", delivery_id)
         outcome = Outcome(False, error=f"Internal error: {type(exc).__name__}")
-    status = await sync_to_async(_record)(claimed, outcome, timezone.now())
+    status = await sync_to_async(_record)(claimed, outcome, now or timezone.now())
     log = logger.info if outcome.delivered else logger.warning
     log("Webhook delivery %s to %s (attempt %s): %s", delivery_id, claimed.url, claimed.attempt, outcome.error or "delivered")
     return status

@@ -1,4 +1,7 @@
 from django import forms
+from django.core.exceptions import ValidationError
+
+from api import targets
 
 MAX_EXPIRY_DAYS = 3650
 
@@ -16,3 +19,12 @@ class WebhookForm(forms.Form):
         max_length=2000, required=False, label="Webhook URL", assume_scheme="https",
         help_text="Told about every scan of yours that finishes. Leave empty to use only the callback_url of uploads.",
     )
+
+    def clean_url(self) -> str:
+        url = self.cleaned_data["url"]
+        if url:
+            try:
+                targets.check_url(url)
+            except targets.TargetRefused as exc:
+                raise ValidationError(str(exc)) from None
+        return url

@@ -70,10 +70,10 @@ def begin(*, user: AbstractBaseUser, key: str, request_fingerprint: str) -> Idem
     earlier = IdempotencyKey.objects.filter(user=user, key=key).first()
     if earlier is None:  # released meanwhile: the caller may simply retry
         raise KeyRejected("A request with this Idempotency-Key has just failed; retry it.", 409)
-    if earlier.fingerprint != request_fingerprint:
-        raise KeyRejected("This Idempotency-Key was used for a different request (other files or options).", 422)
     if earlier.status_code is None:
         raise KeyRejected("A request with this Idempotency-Key is still being processed; retry it shortly.", 409)
+    if earlier.fingerprint != request_fingerprint:
+        raise KeyRejected("This Idempotency-Key was used for a different request (other files or options).", 422)
     return Replay(earlier.status_code, earlier.response)
 
 

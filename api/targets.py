@@ -49,7 +49,7 @@ class AllowList:
         """Raises ImproperlyConfigured naming a malformed entry."""
         any_host, names, suffixes, networks = False, set(), [], []
         for raw in entries:
-            entry = raw.strip().lower().rstrip(".")
+            entry = raw.strip().lower()
             if not entry:
                 continue
             if entry == "*":

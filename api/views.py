@@ -4,6 +4,8 @@ and vllm_control's status. Every endpoint needs a user (token or session); other
 
 from __future__ import annotations
 
+import logging
+
 from django.conf import settings
 from django.http import HttpResponse
 from django.utils.http import content_disposition_header
@@ -33,9 +35,11 @@ from scans import exports, selectors, services
 from scans.access import get_visible_scan, visible_scans
 from scans.models import Scan
 from vllm_control import runtime
-from vllm_control.consumers import current_status
+from vllm_control.config import resolve_config
 from vllm_control.events import ServerStatusData, status_payload
+from vllm_control.status import ServerState, ServerStatus
 
+logger = logging.getLogger(__name__)
 ERRORS = {404: OpenApiResponse(description="No such scan (or not yours).")}
 PROBLEM = OpenApiResponse(description='`{"detail": "..."}`: why the request was refused.')
 
@@ -205,4 +209,11 @@ class ServerStatusView(APIView):
         responses={200: OpenApiResponse(resolve_type_hint(ServerStatusData))},
     )
     def get(self, request: Request) -> Response:
-        return Response(status_payload(runtime.run_sync(current_status), staff=False))
+        # Resolved here, in the request's thread: the supervisor's loop must not wait on this thread's ORM.
+        config = resolve_config()
+        try:
+            status = runtime.run_sync(lambda: runtime.current_status(config), timeout=30)
+        except Exception as exc:  # a probe that blew up is the server's state, not an error of this request
+            logger.warning("Could not read the model server's status", exc_info=True)
+            status = ServerStatus(mode=config.mode, state=ServerState.FAILED, model=config.model, last_error=str(exc))
+        return Response(status_payload(status, staff=False))

@@ -207,7 +207,6 @@ def test_an_export_is_served_whatever_the_client_accepts(caller):
     assert missing.status_code == 404 and missing["Content-Type"] == "application/json"
 
 
-@pytest.mark.django_db(transaction=True)  # the status is read on the model-server loop's own thread
 def test_server_status_has_no_secrets_and_no_log_lines(caller):
     from vllm_control.models import VLMSettings
 
