@@ -43,7 +43,7 @@ class UploadSerializer(serializers.Serializer):
     )
 
     def to_internal_value(self, data):
-        unknown = sorted(set(data) - set(self.fields))
+        unknown = sorted(set(data) - set(self.fields)) if hasattr(data, "keys") else []
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return super().to_internal_value(data)

@@ -355,3 +355,10 @@ def test_a_session_needs_the_csrf_token_for_writes(user):
     assert Scan.objects.get(pk=scan.pk).status == Scan.Status.QUEUED
     assert session.client.get(scan_url(scan)).status_code == 200  # reads need no CSRF token
     assert session.post(scan_url(scan, "cancel/")).status_code == 200
+
+
+@pytest.mark.parametrize("body", ['["files"]', '{"files": "x"}', "null"])
+def test_an_upload_sent_as_json_is_a_clear_400(caller, body):
+    response = caller.post(SCANS, body, content_type="application/json")
+    assert response.status_code == 400
+    assert Scan.objects.count() == 0

@@ -372,3 +372,13 @@ def test_admin_shows_deliveries_and_never_the_secret(staff_client, user):
     staff_client.post("/admin/api/webhookdelivery/", {"action": "retry_now", "_selected_action": [row.pk], "index": 0})
     row.refresh_from_db()
     assert row.status == D.PENDING and row.next_attempt_at <= timezone.now()
+
+
+def test_admin_checks_a_webhook_url_against_the_allow_list(staff_client, user):
+    webhooks.save_webhook(user=user, url="")
+    webhook = Webhook.objects.get()
+    refused = staff_client.post(f"/admin/api/webhook/{webhook.pk}/change/", {"url": "http://169.254.169.254/latest"})
+    assert "not among the hosts" in refused.content.decode()
+    assert Webhook.objects.get().url == ""
+    staff_client.post(f"/admin/api/webhook/{webhook.pk}/change/", {"url": "http://127.0.0.1:9/hook"})
+    assert Webhook.objects.get().url == "http://127.0.0.1:9/hook"

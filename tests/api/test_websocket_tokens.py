@@ -11,6 +11,8 @@ from api import tokens
 from ocrsite.asgi import application
 from ocrsite.live import CLOSE_FORBIDDEN, CLOSE_UNAUTHENTICATED
 from tests.api.conftest import make_scan
+from tests.test_live_consumers import closed_with as close_code
+from tests.test_live_consumers import connect as open_socket
 from tests.test_live_consumers import session_headers
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -20,19 +22,6 @@ TIMEOUT = 5
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:
     return [(b"authorization", f"Bearer {token}".encode())]
-
-
-async def open_socket(path: str, headers) -> WebsocketCommunicator:
-    communicator = WebsocketCommunicator(application, path, headers=headers)
-    connected, _ = await communicator.connect(timeout=TIMEOUT)
-    assert connected
-    return communicator
-
-
-async def close_code(communicator: WebsocketCommunicator) -> int:
-    message = await communicator.receive_output(timeout=TIMEOUT)
-    assert message["type"] == "websocket.close", message
-    return message["code"]
 
 
 async def test_a_token_follows_its_users_scan_without_an_origin(user):
