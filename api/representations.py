@@ -82,8 +82,8 @@ class ScanSerializer(serializers.ModelSerializer):
     def get_urls(self, scan: Scan) -> dict[str, Any]:
         request: Request | None = self.context.get("request")
 
-        def url(name: str, *args) -> str:
-            path = reverse(name, args=args or [scan.pk])
+        def url(name: str) -> str:
+            path = reverse(name, args=[scan.pk])
             return request.build_absolute_uri(path) if request is not None else path
 
         websocket = f"/ws/scans/{scan.pk}/"

@@ -172,8 +172,7 @@ class ScanRetryView(APIView):
 
 
 class ScanExportView(APIView):
-    """GET /api/v1/scans/{id}/export.<fmt>: one view per format of scans.exports.FORMATS (see urls)."""
-
+    # GET /api/v1/scans/{id}/export.<fmt>: one subclass per format of scans.exports.FORMATS (export_view).
     fmt: str = ""
 
     def perform_content_negotiation(self, request: Request, force: bool = False):
@@ -212,8 +211,8 @@ class ServerStatusView(APIView):
         # Resolved here, in the request's thread: the supervisor's loop must not wait on this thread's ORM.
         config = resolve_config()
         try:
-            status = runtime.run_sync(lambda: runtime.current_status(config), timeout=30)
+            server = runtime.run_sync(lambda: runtime.current_status(config), timeout=30)
         except Exception as exc:  # a probe that blew up is the server's state, not an error of this request
             logger.warning("Could not read the model server's status", exc_info=True)
-            status = ServerStatus(mode=config.mode, state=ServerState.FAILED, model=config.model, last_error=str(exc))
-        return Response(status_payload(status, staff=False))
+            server = ServerStatus(mode=config.mode, state=ServerState.FAILED, model=config.model, last_error=str(exc))
+        return Response(status_payload(server, staff=False))
