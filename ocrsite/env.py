@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +57,21 @@ def env_list(name: str, default: list[str], environ: Mapping[str, str] = os.envi
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+_RATE = re.compile(r"(\d+)/(s|sec|second|m|min|minute|h|hour|d|day)")
+
+
+def env_rate(name: str, default: str, environ: Mapping[str, str] = os.environ) -> str:
+    """A request rate such as `30/minute` (number/second|minute|hour|day, as DRF's throttles read it);
+    `off` or an empty value: "" (no limit)."""
+    raw = environ.get(name)
+    value = default if raw is None else raw.strip().lower()
+    if value in ("", "off"):
+        return ""
+    if not _RATE.fullmatch(value) or int(value.split("/")[0]) < 1:
+        raise ImproperlyConfigured(f"{name}={value!r} is not a rate; use e.g. 30/minute, 500/hour or off.")
+    return value
 
 
 def env_path(name: str, default: Path, base: Path, environ: Mapping[str, str] = os.environ) -> Path:

@@ -1,7 +1,8 @@
 """The ASGI `lifespan` protocol: the site's composition of both apps at start-up and shutdown.
 
-Start-up: the Local model server (when configured to start with the site), then the OCR runner.
-Shutdown: the runner first (its in-flight pages go back to the queue), then the model server, waited for.
+Start-up: the Local model server (when configured to start with the site), the OCR runner, then the
+webhook delivery loop. Shutdown: the delivery loop and the runner first (its in-flight pages go back to
+the queue), then the model server, waited for.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 
 from django.conf import settings
 
+from api.delivery import start_delivery_loop, stop_delivery_loop
 from scans.pipeline.runner import start_embedded_runner, stop_embedded_runner
 from vllm_control import runtime
 from vllm_control.config import aresolve_config
@@ -24,11 +26,13 @@ async def startup() -> None:
         await runtime.start_local(config)
     if settings.OCRSITE_EMBEDDED_RUNNER:
         await start_embedded_runner()
+    await start_delivery_loop()  # webhook deliveries, including the retries a previous run left
 
 
 async def shutdown() -> None:
     """Waits until everything started here has stopped."""
     try:
+        await stop_delivery_loop()
         await stop_embedded_runner()
     finally:
         await runtime.shutdown()

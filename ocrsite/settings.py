@@ -7,7 +7,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from ocrsite.env import env_bool, env_int, env_list, env_path, env_str, persistent_secret_key
+from ocrsite.env import env_bool, env_int, env_list, env_path, env_rate, env_str, persistent_secret_key
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -33,8 +33,12 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # the API docs page's Swagger UI, served from this package (no CDN)
     "scans",
     "vllm_control",
+    "api",
     "ocrsite",
 ]
 
@@ -138,7 +142,7 @@ OCRSITE_METRICS_TOKEN = env_str("OCRSITE_METRICS_TOKEN")
 # match wins, any other path gets DATA_UPLOAD_MAX_MEMORY_SIZE (Django's default, 2.5 MB). An upload's
 # multipart framing (boundaries, part headers, the CSRF field) gets 1 MB on top of its files.
 UPLOAD_BODY_LIMIT = OCRSITE_MAX_UPLOAD_REQUEST_MB * MB + MB
-OCRSITE_BODY_LIMITS = [("/scans/upload/", UPLOAD_BODY_LIMIT)]
+OCRSITE_BODY_LIMITS = [("/scans/upload/", UPLOAD_BODY_LIMIT), ("/api/v1/scans/", UPLOAD_BODY_LIMIT)]
 # Slow clients: the whole request head must arrive within the header timeout (Granian's
 # header_read_timeout, at most 60 s), and a body must progress by 64 KiB within the body timeout.
 OCRSITE_HEADER_TIMEOUT_MS = env_int("OCRSITE_HEADER_TIMEOUT_MS", 10_000, minimum=1, maximum=60_000)
@@ -149,6 +153,41 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * MB
 FILE_UPLOAD_TEMP_DIR = str(DATA_DIR / "tmp")
 Path(FILE_UPLOAD_TEMP_DIR).mkdir(parents=True, exist_ok=True)
 FILE_UPLOAD_PERMISSIONS = 0o600
+
+# The REST API (api/): token or session authentication (with CSRF), every endpoint for users only.
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": [
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework.parsers.FormParser",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "api.pagination.Pagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "ocrsite API",
+    "DESCRIPTION": "OCR scanned PDFs and images: upload, follow, download. See the README for examples and webhooks.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {"ScanStatusEnum": "scans.models.Scan.Status", "PageStatusEnum": "scans.models.Page.Status"},
+}
+OCRSITE_API_UPLOAD_RATE = env_rate("OCRSITE_API_UPLOAD_RATE", "30/minute")  # per user
+OCRSITE_WEBHOOK_ALLOWED_HOSTS = env_list("OCRSITE_WEBHOOK_ALLOWED_HOSTS", ["*"])  # see api/targets.py
+OCRSITE_WEBHOOK_MAX_ATTEMPTS = env_int("OCRSITE_WEBHOOK_MAX_ATTEMPTS", 8, minimum=1, maximum=50)
+OCRSITE_WEBHOOK_RETRY_BASE_MS = env_int("OCRSITE_WEBHOOK_RETRY_BASE_MS", 30_000, minimum=1)
+OCRSITE_WEBHOOK_TIMEOUT_MS = env_int("OCRSITE_WEBHOOK_TIMEOUT_MS", 10_000, minimum=100)
 
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False

@@ -18,4 +18,5 @@ urlpatterns = [
     path("metrics", metrics_view, name="metrics"),
     path("scans/", include("scans.urls")),
     path("settings/", include("vllm_control.urls")),
+    path("", include("api.urls")),  # /api/v1/ and the API tokens page
 ]

@@ -28,6 +28,7 @@ from scans.pipeline import queue_signals
 from scans.pipeline.types import PageResult
 from scans.progress import publish_scan_on_commit
 from scans.scheduling import Candidate, allocate
+from scans.signals import send_scan_finished_on_commit
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def cancel_scan(*, scan: Scan) -> bool:
         if changed:
             publish_scan_on_commit(scan.pk)
             transaction.on_commit(lambda: queue_signals.notify_cancelled(scan.pk))
+            send_scan_finished_on_commit(scan_id=scan.pk, status=Scan.Status.CANCELLED)
     scan.refresh_from_db()
     return bool(changed)
 
@@ -310,6 +312,7 @@ def _finish_completed(scan_ids: Collection[int], now) -> list[int]:
         status = Scan.Status.DONE_WITH_ERRORS if scan_id in failed else Scan.Status.DONE
         if Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING).update(status=status, finished_at=now):
             publish_scan_on_commit(scan_id)
+            send_scan_finished_on_commit(scan_id=scan_id, status=status)
             finished.append(scan_id)
     return finished
 
@@ -339,6 +342,7 @@ def fail_scan(*, scan_id: int, error: str) -> bool:
         )
         if changed:
             publish_scan_on_commit(scan_id)
+            send_scan_finished_on_commit(scan_id=scan_id, status=Scan.Status.FAILED)
     return bool(changed)
 
 

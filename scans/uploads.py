@@ -196,7 +196,9 @@ def _not_stored(error: OSError) -> UploadRejected:
     return UploadRejected(f"The server could not store the file ({error.strerror or error}); nothing was kept.")
 
 
-def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, original_name: str, options: dict | None) -> Scan:
+def _store(
+    *, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, original_name: str, options: dict | None, priority: int = 0
+) -> Scan:
     try:
         inspection = inspect_file(spooled)
         relative = f"scans/{uuid.uuid4().hex}{inspection.kind.extension}"
@@ -221,6 +223,7 @@ def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, or
                 page_count=inspection.page_count,
                 has_text_layer=inspection.has_text_layer,
                 options=options or {},
+                priority=priority,
             )
             services.create_pages(scan)
             services.announce_queued(scan_id=scan.pk)
@@ -230,9 +233,16 @@ def _store(*, owner: AbstractBaseUser, spooled: Path, sha256: str, size: int, or
     return scan
 
 
-def create_scan_from_upload(*, owner: AbstractBaseUser, uploaded_file: UploadedFile, options: dict | None = None) -> Scan:
+def create_scan_from_upload(
+    *, owner: AbstractBaseUser, uploaded_file: UploadedFile, options: dict | None = None, priority: int = 0
+) -> Scan:
+    """A queued scan of the uploaded file with `options` (Scan.options) and `priority` (higher first);
+    raises UploadRejected, leaving no row and no file."""
     spooled, sha256, size = _spool(uploaded_file.chunks(CHUNK))
-    return _store(owner=owner, spooled=spooled, sha256=sha256, size=size, original_name=uploaded_file.name or "", options=options)
+    return _store(
+        owner=owner, spooled=spooled, sha256=sha256, size=size, original_name=uploaded_file.name or "",
+        options=options, priority=priority,
+    )
 
 
 def create_scan_from_path(*, owner: AbstractBaseUser, path: Path, options: dict | None = None) -> Scan:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support import REPO
 
-PACKAGES = ("ocrsite", "scans", "vllm_control")
+PACKAGES = ("ocrsite", "scans", "vllm_control", "api")
 # The project package composes both apps; its leaf modules (no app imports) are what the apps may use.
 OCRSITE_LEAVES = {"ocrsite.env", "ocrsite.live", "ocrsite.database", "ocrsite.metrics"}
 # Imports inside functions, each with its reason. Anything else goes at the top of its module.
@@ -18,6 +18,8 @@ DEFERRED_IMPORTS = {
     ("scans.pipeline.builtin", "rapidocr_onnxruntime"): "heavy (onnxruntime): loaded on first use",
     ("scans.pipeline.builtin", "cv2"): "heavy (OpenCV): loaded on first use",
     ("scans.pipeline.builtin", "numpy"): "only needed with the CPU engine",
+    ("api.apps", "api"): "AppConfig.ready: signal receivers and schema extensions import models, loaded after app configs",
+    ("api.apps", "scans.signals"): "AppConfig.ready: scans.signals imports scans.models",
 }
 
 
@@ -80,6 +82,22 @@ def test_the_model_server_app_never_imports_the_scans_app():
         if name == "scans" or name.startswith("scans.")
     ]
     assert offenders == []
+
+
+def test_the_api_is_an_edge_no_other_app_imports():
+    """`api` may use `scans` and `vllm_control`; neither app imports `api` (scans tells it about finished
+    scans with the scan_finished signal). Only the project package composes it in."""
+    offenders = [
+        (module, name)
+        for module, path in modules().items()
+        if module.startswith(("scans", "vllm_control"))
+        for name, _ in imports(path, module)
+        if name == "api" or name.startswith("api.")
+    ]
+    assert offenders == []
+    graph = project_graph()
+    api_uses = {name.split(".")[0] for module, names in graph.items() if module.startswith("api") for name in names}
+    assert api_uses <= {"api", "scans", "vllm_control", "ocrsite"}
 
 
 def test_the_apps_use_only_the_leaf_modules_of_the_project_package():

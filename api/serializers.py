@@ -1,0 +1,66 @@
+"""What the API accepts: the upload form, its options validated as `manage.py ocr` validates them."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from rest_framework import serializers
+
+from api import targets, webhooks
+from scans.models import Scan
+from vllm_control.models import PromptPreset
+
+# The per-scan choices `manage.py ocr` offers: a custom prompt is a setting, not a per-scan option.
+PROMPTS = tuple(preset for preset in PromptPreset.values if preset != PromptPreset.CUSTOM)
+ENGINES = ("vllm", "builtin")  # what scans.pipeline.engines.build_engine accepts
+# Tesseract's language strings: codes of its trained data (eng, deu, chi_sim), several joined by "+".
+LANGUAGE = re.compile(r"\A[A-Za-z][A-Za-z0-9_]*(\+[A-Za-z][A-Za-z0-9_]*)*\Z")
+
+
+class UploadSerializer(serializers.Serializer):
+    """POST /api/v1/scans/ (multipart/form-data): one or more `files` and the options for all of them."""
+
+    files = serializers.ListField(
+        child=serializers.FileField(allow_empty_file=True), min_length=1,
+        help_text="One or more PDF, PNG, JPEG, TIFF or WebP files (repeat the field); each is judged by its content alone.",
+    )
+    prompt = serializers.ChoiceField(choices=PROMPTS, required=False, help_text="Prompt preset (default: the settings').")
+    engine = serializers.ChoiceField(
+        choices=ENGINES, required=False, help_text="vllm (the model server) or builtin (CPU); default: the configured mode."
+    )
+    language = serializers.RegexField(
+        LANGUAGE, max_length=64, required=False,
+        help_text="Language of the text, as Tesseract's codes (eng, deu, eng+deu); used by engines that take one.",
+    )
+    priority = serializers.ChoiceField(
+        choices=Scan.Priority.choices, default=Scan.Priority.NORMAL,
+        help_text="-1 low, 0 normal, 1 high, 2 urgent: a scan of priority p gets 4**p times a normal scan's share "
+        "of the runners (never all of it).",
+    )
+    callback_url = serializers.URLField(
+        max_length=2000, required=False,
+        help_text="Also POST the scan.finished webhook here (signed with your webhook secret; the host must be allowed).",
+    )
+
+    def to_internal_value(self, data):
+        unknown = sorted(set(data) - set(self.fields)) if hasattr(data, "keys") else []
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+    def validate_callback_url(self, value: str) -> str:
+        try:
+            targets.check_url(value)
+        except targets.TargetRefused as exc:
+            raise serializers.ValidationError(str(exc)) from None
+        if not webhooks.has_secret(self.context["request"].user):
+            raise serializers.ValidationError(webhooks.NO_SECRET)
+        return value
+
+
+def scan_options(validated: dict[str, Any]) -> dict[str, Any]:
+    """Scan.options from the upload's fields (the keys `manage.py ocr` uses, plus `language` and
+    `callback_url`); options not given are left to the settings."""
+    keys = ("prompt", "engine", "language", "callback_url")
+    return {key: validated[key] for key in keys if validated.get(key)}
