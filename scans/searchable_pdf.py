@@ -1,0 +1,411 @@
+"""A searchable PDF: the original pages with an invisible text layer over them.
+
+- A PDF keeps its own pages, untouched: its content is wrapped in `q ... Q` and a text-layer content
+  stream is appended (the OCRmyPDF approach); nothing is re-rendered, so the page looks exactly the same.
+- An image (PNG, JPEG, TIFF with all its frames, WebP) becomes one page per frame, wrapped losslessly:
+  a JPEG's own bytes (`DCTDecode`, its EXIF orientation applied by the drawing matrix), anything else as
+  PNG-predicted Flate (the exact decoded pixels, alpha as a soft mask, 16-bit grey kept at 16 bits),
+  the page sized from the image's DPI (without one: the size that fits A4, at least 72 dpi).
+
+Where the text goes on each page (`Placement`, reported per page so the UI can say it):
+- `words`: the engine's word boxes (`PageLayout` with words); each word is stretched over its box,
+  so selecting and searching highlight the word. Corrected text is aligned to the boxes.
+- `lines`: line boxes without words (a text-detection pass, `scans.text_lines`); the text is spread
+  over them in reading order, so a hit lands on the right line, roughly at the right place in it.
+- `page`: no boxes (VLM output): the text is spread over rows filling the page's text area (the
+  bounding box of its ink). Search finds the text; highlights show only roughly where it is.
+- `existing`: the PDF page already has a text layer at least half as long as the OCR text (a
+  born-digital page, or one OCR'd before): it is kept and nothing is added, so searches and copies do
+  not find everything twice (OCRmyPDF's `--skip-text`).
+- `none`: no text for the page (failed, or blank).
+
+Boxes are pixels of the image the engine read (`layout["width"]` x `layout["height"]`), which is the
+page as shown (its CropBox, its /Rotate applied) turned `rotation` degrees further clockwise.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+import pikepdf
+import pypdfium2 as pdfium
+from PIL import Image, ImageOps
+
+from scans.pipeline.render import PdfPages, is_pdf
+from scans.text_layer import Box, GlyphlessFont, Run, runs_over_lines, runs_over_words, text_layer_stream
+
+if TYPE_CHECKING:
+    from scans.pipeline.types import PageLayout
+
+Placement = Literal["words", "lines", "page", "existing", "none"]
+
+A4_INCHES = (8.27, 11.69)
+MIN_DPI = 72.0
+DPI_RANGE = (36.0, 4800.0)  # a recorded resolution outside this is treated as missing
+EXISTING_TEXT_SHARE = 0.5
+INK_SIDE = 256  # px: the rendering used to find a page's text area
+INK_THRESHOLD = 160  # grey level below which a pixel is ink
+ROW_FONT_SIZE = 10.0  # points: the row pitch assumed when spreading unplaced text over a text area
+JPEG_MODES = {"L": "/DeviceGray", "RGB": "/DeviceRGB", "CMYK": "/DeviceCMYK"}
+
+
+class SearchablePdfError(ValueError):
+    """The source cannot be made into a searchable PDF (unreadable, or pages do not match)."""
+
+
+@dataclass(frozen=True)
+class PageText:
+    """One page's text for the layer: plain text (not Markdown), optional boxes, and how the image the
+    boxes refer to was turned (degrees clockwise from the page as shown)."""
+
+    text: str
+    layout: PageLayout | None = None
+    rotation: int = 0
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The page as the engine saw it: its size in points and the matrix from it to user space."""
+
+    width: float
+    height: float
+    matrix: tuple[float, float, float, float, float, float]
+
+
+def frame_for(box: Sequence[float], rotation: int) -> _Frame:
+    """The frame of a page whose visible area is `box` (x0, y0, x1, y1 in user space) shown turned
+    `rotation` degrees clockwise (its /Rotate plus any turn the engine's image had)."""
+    x0, y0, x1, y1 = box
+    width, height = x1 - x0, y1 - y0
+    rotation %= 360
+    if rotation == 0:
+        return _Frame(width, height, (1, 0, 0, 1, x0, y0))
+    if rotation == 90:
+        return _Frame(height, width, (0, 1, -1, 0, x1, y0))
+    if rotation == 180:
+        return _Frame(width, height, (-1, 0, 0, -1, x1, y1))
+    if rotation == 270:
+        return _Frame(height, width, (0, -1, 1, 0, x0, y1))
+    raise SearchablePdfError(f"rotation must be a multiple of 90 degrees, not {rotation}")
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _layout_lines(layout: PageLayout, frame: _Frame) -> tuple[list[Box], list[list[Box]]]:
+    """The layout's line and word boxes in frame points (y up), clamped to the frame."""
+    sx = frame.width / max(1, layout["width"])
+    sy = frame.height / max(1, layout["height"])
+
+    def box(text: str, bbox: Sequence[float]) -> Box:
+        left, top, right, bottom = (float(v) for v in bbox)
+        return Box(
+            text,
+            min(max(0.0, left * sx), frame.width),
+            min(max(0.0, frame.height - bottom * sy), frame.height),
+            min(max(0.0, right * sx), frame.width),
+            min(max(0.0, frame.height - top * sy), frame.height),
+        )
+
+    lines = [box("", line["bbox"]) for line in layout.get("lines", [])]
+    words = [
+        [box(word["text"], word["bbox"]) for word in line.get("words", []) if word["text"].strip()]
+        for line in layout.get("lines", [])
+    ]
+    return lines, words
+
+
+def _text_area_rows(words: Sequence[str], text: str, area: tuple[float, float, float, float]) -> list[Box]:
+    """Rows over a text area, as many as the text needs at about ROW_FONT_SIZE (no fewer than its lines)."""
+    x0, y0, x1, y1 = area
+    per_row = max(1, int((x1 - x0) / (ROW_FONT_SIZE * 0.5)))
+    needed = max(sum(1 for line in text.splitlines() if line.strip()), math.ceil(sum(len(w) + 1 for w in words) / per_row))
+    rows = max(1, min(needed, int((y1 - y0) / 2)))
+    pitch = (y1 - y0) / rows
+    height = min(pitch, ROW_FONT_SIZE * 1.2) if needed <= rows else pitch
+    return [Box("", x0, y1 - (i + 1) * pitch, x1, y1 - (i + 1) * pitch + height) for i in range(rows)]
+
+
+def _place(page: PageText, frame: _Frame, text_area: tuple[float, float, float, float] | None) -> tuple[list[list[Run]], Placement]:
+    words = _words(page.text)
+    if not words:
+        return [], "none"
+    if page.layout and page.layout.get("lines"):
+        line_boxes, word_boxes = _layout_lines(page.layout, frame)
+        if any(word_boxes):
+            return runs_over_words(words, word_boxes, line_boxes), "words"
+        return runs_over_lines(words, line_boxes), "lines"
+    area = text_area or (frame.width * 0.08, frame.height * 0.08, frame.width * 0.92, frame.height * 0.92)
+    return runs_over_lines(words, _text_area_rows(words, page.text, area)), "page"
+
+
+def _ink_area(image: Image.Image, frame: _Frame) -> tuple[float, float, float, float] | None:
+    """The bounding box of the ink of an image of the frame, in frame points (None for a blank page)."""
+    gray = image.convert("L")
+    gray.thumbnail((INK_SIDE, INK_SIDE))
+    bbox = gray.point(lambda v: 255 if v < INK_THRESHOLD else 0).getbbox()
+    if bbox is None:
+        return None
+    left, top, right, bottom = bbox
+    sx, sy = frame.width / gray.width, frame.height / gray.height
+    return left * sx, frame.height - bottom * sy, right * sx, frame.height - top * sy
+
+
+def _needs_ink(page: PageText) -> bool:
+    return bool(page.text.strip()) and not (page.layout and page.layout.get("lines"))
+
+
+def _free_name(pdf_page: pikepdf.Page, kind: str, stem: str) -> pikepdf.Name:
+    taken = pdf_page.obj.get("/Resources", pikepdf.Dictionary()).get(kind, pikepdf.Dictionary())
+    name, index = pikepdf.Name("/" + stem), 0
+    while name in taken:
+        index += 1
+        name = pikepdf.Name(f"/{stem}{index}")
+    return name
+
+
+def _draw_layer(pdf_page: pikepdf.Page, font: GlyphlessFont, lines: list[list[Run]], frame: _Frame) -> None:
+    name = pdf_page.add_resource(font.font, pikepdf.Name.Font, _free_name(pdf_page, "/Font", "FOcr"))
+    pdf_page.contents_add(text_layer_stream(font, str(name)[1:], lines, frame.matrix))
+
+
+# --- PDF input -------------------------------------------------------------------------------------
+
+
+def _visible_box(pdf_page: pikepdf.Page) -> tuple[float, float, float, float]:
+    """The CropBox (default: MediaBox) within the MediaBox, corners normalized: what viewers show."""
+
+    def corners(box: Sequence[float]) -> tuple[float, float, float, float]:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+    media = corners(pdf_page.mediabox)
+    crop = corners(pdf_page.cropbox)
+    box = max(media[0], crop[0]), max(media[1], crop[1]), min(media[2], crop[2]), min(media[3], crop[3])
+    return box if box[2] > box[0] and box[3] > box[1] else media
+
+
+def _overlay_pdf(source: Path, pages: Sequence[PageText], output: Path | BinaryIO) -> list[Placement]:
+    try:
+        pdf = pikepdf.open(source)
+    except pikepdf.PdfError as error:
+        raise SearchablePdfError(f"The PDF could not be read: {error}") from error
+    try:
+        rendered = PdfPages(source)
+    except pdfium.PdfiumError as error:
+        pdf.close()
+        raise SearchablePdfError(f"The PDF could not be read: {error}") from error
+    placements: list[Placement] = []
+    with pdf, rendered:
+        if len(pdf.pages) != len(pages):
+            raise SearchablePdfError(f"The PDF has {len(pdf.pages)} pages, but text was given for {len(pages)}.")
+        font = GlyphlessFont(pdf)
+        for number, (pdf_page, page) in enumerate(zip(pdf.pages, pages), start=1):
+            ocr_chars = len("".join(page.text.split()))
+            existing = rendered.count_chars(number)
+            if existing and existing >= EXISTING_TEXT_SHARE * ocr_chars:
+                placements.append("existing")
+                continue
+            frame = frame_for(_visible_box(pdf_page), pdf_page.rotation + page.rotation)
+            area = None
+            if _needs_ink(page):
+                area = _ink_area(rendered.render(number, longest_side=INK_SIDE, rotation=page.rotation % 360), frame)
+            lines, placement = _place(page, frame, area)
+            placements.append(placement)
+            if lines:
+                # The page's own drawing is isolated so a graphics state it leaves set cannot move the text.
+                pdf_page.contents_add(b"q\n", prepend=True)
+                pdf_page.contents_add(b"Q\n")
+                _draw_layer(pdf_page, font, lines, frame)
+        font.finish()
+        pdf.save(output, object_stream_mode=pikepdf.ObjectStreamMode.generate)
+    return placements
+
+
+# --- image input -----------------------------------------------------------------------------------
+
+
+def _png_parts(image: Image.Image) -> tuple[int, int, bytes, bytes]:
+    """PNG-encode an image and return (bit depth, colour type, PLTE, the concatenated IDAT data)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    data = buffer.getvalue()
+    position = 8
+    depth = color_type = 0
+    palette = b""
+    idat = []
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        body = data[position + 8 : position + 8 + length]
+        if kind == b"IHDR":
+            depth, color_type = body[8], body[9]
+        elif kind == b"PLTE":
+            palette = body
+        elif kind == b"IDAT":
+            idat.append(body)
+        position += 12 + length
+    return depth, color_type, palette, b"".join(idat)
+
+
+def _flate_image(pdf: pikepdf.Pdf, image: Image.Image) -> pikepdf.Stream:
+    """An image XObject holding exactly the image's pixels (PNG predictors in a Flate stream)."""
+    depth, color_type, palette, idat = _png_parts(image)
+    colors = {0: 1, 2: 3, 3: 1}[color_type]
+    if color_type == 3:
+        color_space: object = [pikepdf.Name.Indexed, pikepdf.Name.DeviceRGB, len(palette) // 3 - 1, pikepdf.String(palette)]
+    else:
+        color_space = pikepdf.Name.DeviceGray if colors == 1 else pikepdf.Name.DeviceRGB
+    return pikepdf.Stream(
+        pdf,
+        idat,
+        Type=pikepdf.Name.XObject,
+        Subtype=pikepdf.Name.Image,
+        Width=image.width,
+        Height=image.height,
+        ColorSpace=color_space,
+        BitsPerComponent=depth,
+        Filter=pikepdf.Name.FlateDecode,
+        DecodeParms=pikepdf.Dictionary(Predictor=15, Colors=colors, BitsPerComponent=depth, Columns=image.width),
+    )
+
+
+def _lossless_parts(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The colour and alpha of a decoded frame, in modes PDF images hold as they are."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("1", "L", "RGB", "P", "I", "I;16", "I;16B"):  # "I": 16-bit grey PNGs (PNG keeps 16 bits)
+        return image, None
+    if image.mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+        color = image.convert("L" if image.mode in ("LA", "La") else "RGB")
+        return color, image.getchannel("A")
+    if image.mode.startswith("I;16"):
+        return image.convert("I"), None
+    return image.convert("RGB"), None  # CMYK, YCbCr, LAB, F ...: as the renderer reads them
+
+
+def _orientation_matrix(orientation: int, width: float, height: float) -> tuple[float, ...]:
+    """`cm` operands drawing a stored image (the unit square) so it appears as EXIF `orientation` says,
+    filling `width` x `height` points."""
+    # (X, Y) of the shown image, as fractions from its top-left, for stored column c and row r.
+    mappings = {
+        1: lambda c, r: (c, r), 2: lambda c, r: (1 - c, r), 3: lambda c, r: (1 - c, 1 - r),
+        4: lambda c, r: (c, 1 - r), 5: lambda c, r: (r, c), 6: lambda c, r: (1 - r, c),
+        7: lambda c, r: (1 - r, 1 - c), 8: lambda c, r: (r, 1 - c),
+    }
+    shown = mappings.get(orientation, mappings[1])
+
+    def point(u: float, v: float) -> tuple[float, float]:  # unit square: u right, v up (row 0 at v = 1)
+        x, y = shown(u, 1 - v)
+        return x * width, (1 - y) * height
+
+    (e, f), (ax, ay), (cx, cy) = point(0, 0), point(1, 0), point(0, 1)
+    return ax - e, ay - f, cx - e, cy - f, e, f
+
+
+def _dpi(image: Image.Image, shown_size: tuple[int, int], swapped: bool) -> tuple[float, float]:
+    dpi = image.info.get("dpi")
+    try:
+        x, y = (float(dpi[0]), float(dpi[1])) if dpi else (0.0, 0.0)
+    except (TypeError, ValueError, IndexError):
+        x = y = 0.0
+    if DPI_RANGE[0] <= x <= DPI_RANGE[1] and DPI_RANGE[0] <= y <= DPI_RANGE[1]:
+        return (y, x) if swapped else (x, y)
+    long_side, short_side = max(shown_size), min(shown_size)
+    fit = max(long_side / A4_INCHES[1], short_side / A4_INCHES[0], MIN_DPI)
+    return fit, fit
+
+
+def _image_page(
+    pdf: pikepdf.Pdf, image: Image.Image, jpeg: bytes
+) -> tuple[pikepdf.Stream, tuple[float, float], tuple[float, ...], Image.Image]:
+    """(image XObject, page size in points, its drawing matrix, the image as shown). `jpeg`: the file's
+    bytes when it is a JPEG, embedded as they are."""
+    orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+    swapped = orientation in (5, 6, 7, 8)
+    stored = image.size
+    shown_size = (stored[1], stored[0]) if swapped else stored
+    dpi_x, dpi_y = _dpi(image, shown_size, swapped)
+    size = (shown_size[0] * 72 / dpi_x, shown_size[1] * 72 / dpi_y)
+    if image.format == "JPEG" and image.mode in JPEG_MODES:
+        xobject = pikepdf.Stream(
+            pdf,
+            jpeg,
+            Type=pikepdf.Name.XObject,
+            Subtype=pikepdf.Name.Image,
+            Width=stored[0],
+            Height=stored[1],
+            ColorSpace=pikepdf.Name(JPEG_MODES[image.mode]),
+            BitsPerComponent=8,
+            Filter=pikepdf.Name.DCTDecode,
+        )
+        if image.mode == "CMYK" and "adobe" in image.info:
+            xobject.Decode = [1, 0, 1, 0, 1, 0, 1, 0]  # Adobe writes CMYK JPEGs inverted
+        shown = ImageOps.exif_transpose(image)
+        return xobject, size, _orientation_matrix(orientation, *size), shown
+    shown = ImageOps.exif_transpose(image)
+    color, alpha = _lossless_parts(shown)
+    xobject = _flate_image(pdf, color)
+    if alpha is not None:
+        xobject.SMask = _flate_image(pdf, alpha)
+    return xobject, size, (size[0], 0, 0, size[1], 0, 0), shown
+
+
+def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryIO) -> list[Placement]:
+    placements: list[Placement] = []
+    pdf = pikepdf.new()
+    with pdf:
+        font = GlyphlessFont(pdf)
+        try:
+            image = Image.open(source)
+        except (OSError, Image.UnidentifiedImageError) as error:
+            raise SearchablePdfError(f"The image could not be read: {error}") from error
+        with image:
+            frames = getattr(image, "n_frames", 1)
+            if frames != len(pages):
+                raise SearchablePdfError(f"The image has {frames} pages, but text was given for {len(pages)}.")
+            raw = Path(source).read_bytes() if image.format == "JPEG" else b""
+            for index, page in enumerate(pages):
+                image.seek(index)
+                xobject, (width, height), matrix, shown = _image_page(pdf, image, raw)
+                pdf_page = pdf.add_blank_page(page_size=(width, height))
+                name = pdf_page.add_resource(xobject, pikepdf.Name.XObject, pikepdf.Name("/Im0"))
+                pdf_page.contents_add(f"q {' '.join(f'{v:.6f}' for v in matrix)} cm {name} Do Q\n".encode("ascii"))
+                frame = frame_for((0.0, 0.0, width, height), page.rotation)
+                area = None
+                if _needs_ink(page):
+                    turned = shown.rotate(-(page.rotation % 360), expand=True) if page.rotation % 360 else shown
+                    area = _ink_area(turned, frame)
+                lines, placement = _place(page, frame, area)
+                placements.append(placement)
+                if lines:
+                    _draw_layer(pdf_page, font, lines, frame)
+        font.finish()
+        pdf.save(output, object_stream_mode=pikepdf.ObjectStreamMode.generate)
+    return placements
+
+
+def write_searchable_pdf(
+    source: Path | str, content_type: str, pages: Sequence[PageText], output: Path | str | BinaryIO
+) -> list[Placement]:
+    """Write `source` (a PDF or an image file) with an invisible text layer to `output`; `pages[i]` is
+    the text of page i + 1 (every page, in order). Returns where each page's text was placed.
+
+    Raises SearchablePdfError when the source cannot be read or its page count differs from `pages`.
+    Blocking and CPU-bound (PDFium and qpdf): call it off the event loop."""
+    source = Path(source)
+    output = Path(output) if isinstance(output, str) else output
+    for page in pages:
+        if page.rotation % 90:
+            raise SearchablePdfError(f"rotation must be a multiple of 90 degrees, not {page.rotation}")
+    if is_pdf(content_type):
+        return _overlay_pdf(source, pages, output)
+    return _wrap_images(source, pages, output)
