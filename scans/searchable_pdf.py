@@ -39,7 +39,17 @@ import pypdfium2 as pdfium
 from PIL import Image, ImageOps
 
 from scans.pipeline.render import PdfPages, is_pdf
-from scans.text_layer import Box, GlyphlessFont, Run, runs_over_lines, runs_over_words, text_layer_stream
+from scans.text_layer import (
+    ADVANCE,
+    UNITS_PER_EM,
+    Box,
+    GlyphlessFont,
+    Run,
+    runs_over_lines,
+    runs_over_words,
+    spread,
+    text_layer_stream,
+)
 
 if TYPE_CHECKING:
     from scans.pipeline.types import PageLayout
@@ -96,8 +106,8 @@ def frame_for(box: Sequence[float], rotation: int) -> _Frame:
     raise SearchablePdfError(f"rotation must be a multiple of 90 degrees, not {rotation}")
 
 
-def _words(text: str) -> list[str]:
-    return text.split()
+def _text_lines(text: str) -> list[list[str]]:
+    return [words for line in text.splitlines() if (words := line.split())]
 
 
 def _layout_lines(layout: PageLayout, frame: _Frame) -> tuple[list[Box], list[list[Box]]]:
@@ -123,28 +133,41 @@ def _layout_lines(layout: PageLayout, frame: _Frame) -> tuple[list[Box], list[li
     return lines, words
 
 
-def _text_area_rows(words: Sequence[str], text: str, area: tuple[float, float, float, float]) -> list[Box]:
-    """Rows over a text area, as many as the text needs at about ROW_FONT_SIZE (no fewer than its lines)."""
+def _text_area_rows(text_lines: list[list[str]], area: tuple[float, float, float, float]) -> tuple[list[list[str]], list[Box]]:
+    """The text's lines, long ones wrapped at about ROW_FONT_SIZE, as rows down a text area (rows of
+    equal pitch, at most one per 2 points: a page with more text than that has its words spread)."""
     x0, y0, x1, y1 = area
-    per_row = max(1, int((x1 - x0) / (ROW_FONT_SIZE * 0.5)))
-    needed = max(sum(1 for line in text.splitlines() if line.strip()), math.ceil(sum(len(w) + 1 for w in words) / per_row))
-    rows = max(1, min(needed, int((y1 - y0) / 2)))
-    pitch = (y1 - y0) / rows
-    height = min(pitch, ROW_FONT_SIZE * 1.2) if needed <= rows else pitch
-    return [Box("", x0, y1 - (i + 1) * pitch, x1, y1 - (i + 1) * pitch + height) for i in range(rows)]
+    per_row = max(1, int((x1 - x0) / (ROW_FONT_SIZE * ADVANCE / UNITS_PER_EM)))
+    rows: list[list[str]] = []
+    for words in text_lines:
+        row: list[str] = []
+        for word in words:
+            if row and sum(len(w) + 1 for w in row) + len(word) > per_row:
+                rows.append(row)
+                row = []
+            row.append(word)
+        rows.append(row)
+    most = max(1, int((y1 - y0) / 2))
+    if len(rows) > most:
+        rows = spread([word for row in rows for word in row], [1.0] * most)
+    pitch = (y1 - y0) / len(rows)
+    height = min(pitch, ROW_FONT_SIZE * 1.2)
+    boxes = [Box("", x0, y1 - i * pitch - height, x1, y1 - i * pitch) for i in range(len(rows))]
+    return rows, boxes
 
 
 def _place(page: PageText, frame: _Frame, text_area: tuple[float, float, float, float] | None) -> tuple[list[list[Run]], Placement]:
-    words = _words(page.text)
-    if not words:
+    text_lines = _text_lines(page.text)
+    if not text_lines:
         return [], "none"
     if page.layout and page.layout.get("lines"):
         line_boxes, word_boxes = _layout_lines(page.layout, frame)
         if any(word_boxes):
-            return runs_over_words(words, word_boxes, line_boxes), "words"
-        return runs_over_lines(words, line_boxes), "lines"
+            return runs_over_words([w for line in text_lines for w in line], word_boxes, line_boxes), "words"
+        return runs_over_lines(text_lines, line_boxes), "lines"
     area = text_area or (frame.width * 0.08, frame.height * 0.08, frame.width * 0.92, frame.height * 0.92)
-    return runs_over_lines(words, _text_area_rows(words, page.text, area)), "page"
+    rows, boxes = _text_area_rows(text_lines, area)
+    return runs_over_lines(rows, boxes), "page"
 
 
 def _ink_area(image: Image.Image, frame: _Frame) -> tuple[float, float, float, float] | None:
@@ -318,6 +341,8 @@ def _dpi(image: Image.Image, shown_size: tuple[int, int], swapped: bool) -> tupl
     except (TypeError, ValueError, IndexError):
         x = y = 0.0
     if DPI_RANGE[0] <= x <= DPI_RANGE[1] and DPI_RANGE[0] <= y <= DPI_RANGE[1]:
+        # PNG records pixels per metre, so 300 dpi reads back as 299.9994: snap to the whole number.
+        x, y = (round(v) if abs(v - round(v)) < 0.05 else v for v in (x, y))
         return (y, x) if swapped else (x, y)
     long_side, short_side = max(shown_size), min(shown_size)
     fit = max(long_side / A4_INCHES[1], short_side / A4_INCHES[0], MIN_DPI)

@@ -160,10 +160,28 @@ class Run:
 Line = Sequence[Run]
 
 
+def _has_rtl(text: str) -> bool:
+    return any(unicodedata.bidirectional(char) in ("R", "AL", "AN") for char in text)
+
+
 def _visual(text: str) -> str:
-    if any(unicodedata.bidirectional(char) in ("R", "AL") for char in text):
-        return get_display(text)
-    return text
+    return get_display(text) if _has_rtl(text) else text
+
+
+def visual_order(words: Sequence[str]) -> list[int]:
+    """The indices of a line's words from left to right as the line is shown (Unicode bidi algorithm
+    on the whole line); logical order when the line has no right-to-left text."""
+    if not any(_has_rtl(word) for word in words):
+        return list(range(len(words)))
+    remaining = dict(enumerate(words))
+    order = []
+    for token in get_display(" ".join(words)).split(" "):
+        index = next((i for i, word in remaining.items() if token in (word, _visual(word))), None)
+        if index is None:  # a word mixing directions: no better guess than the logical order
+            return list(range(len(words)))
+        order.append(index)
+        del remaining[index]
+    return order
 
 
 def _number(value: float) -> str:
@@ -246,13 +264,27 @@ class Box:
     y1: float
 
 
-def runs_over_lines(words: Sequence[str], lines: Sequence[Box]) -> list[list[Run]]:
-    """Text over line boxes that carry no words of their own (text detection, or rows of a text area)."""
-    placed = spread(words, [line.x1 - line.x0 for line in lines])
-    return [
-        [Run(" ".join(chunk), line.x0, line.y0, line.x1, line.y1)] if chunk else []
-        for chunk, line in zip(placed, lines)
-    ]
+def _across(words: Sequence[str], line: Box) -> list[Run]:
+    """Words side by side along a line box in the order they are shown, each as wide as its share of
+    the characters (a space counting as one)."""
+    if not words:
+        return []
+    unit = (line.x1 - line.x0) / (sum(len(word) for word in words) + len(words) - 1)
+    runs, x = [], line.x0
+    for index in visual_order(words):
+        width = len(words[index]) * unit
+        runs.append(Run(words[index], x, line.y0, x + width, line.y1))
+        x += width + unit
+    return runs
+
+
+def runs_over_lines(text_lines: Sequence[Sequence[str]], lines: Sequence[Box]) -> list[list[Run]]:
+    """Text (lines of words) over line boxes that carry no words of their own (text detection, or rows
+    of a text area): line for line when the counts agree, else all the words spread over the boxes."""
+    text_lines = [line for line in text_lines if line]
+    if len(text_lines) != len(lines):
+        text_lines = spread([word for line in text_lines for word in line], [line.x1 - line.x0 for line in lines])
+    return [_across(words, line) for words, line in zip(text_lines, lines)]
 
 
 def runs_over_words(words: Sequence[str], lines: Sequence[Sequence[Box]], line_boxes: Sequence[Box]) -> list[list[Run]]:
