@@ -26,9 +26,7 @@ page as shown (its CropBox, its /Rotate applied) turned `rotation` degrees furth
 from __future__ import annotations
 
 import io
-import math
 import struct
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from scans.text_layer import (
     Run,
     runs_over_lines,
     runs_over_words,
+    split_box,
     spread,
     text_layer_stream,
 )
@@ -127,7 +126,7 @@ def _layout_lines(layout: PageLayout, frame: _Frame) -> tuple[list[Box], list[li
 
     lines = [box("", line["bbox"]) for line in layout.get("lines", [])]
     words = [
-        [box(word["text"], word["bbox"]) for word in line.get("words", []) if word["text"].strip()]
+        [part for word in line.get("words", []) for part in split_box(box(word["text"], word["bbox"]))]
         for line in layout.get("lines", [])
     ]
     return lines, words
@@ -237,7 +236,8 @@ def _overlay_pdf(source: Path, pages: Sequence[PageText], output: Path | BinaryI
             if existing and existing >= EXISTING_TEXT_SHARE * ocr_chars:
                 placements.append("existing")
                 continue
-            frame = frame_for(_visible_box(pdf_page), pdf_page.rotation + page.rotation)
+            rotation = pdf_page.rotation if pdf_page.rotation % 90 == 0 else 0  # as viewers treat a bad /Rotate
+            frame = frame_for(_visible_box(pdf_page), rotation + page.rotation)
             area = None
             if _needs_ink(page):
                 area = _ink_area(rendered.render(number, longest_side=INK_SIDE, rotation=page.rotation % 360), frame)
@@ -256,48 +256,64 @@ def _overlay_pdf(source: Path, pages: Sequence[PageText], output: Path | BinaryI
 # --- image input -----------------------------------------------------------------------------------
 
 
-def _png_parts(image: Image.Image) -> tuple[int, int, bytes, bytes]:
-    """PNG-encode an image and return (bit depth, colour type, PLTE, the concatenated IDAT data)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=6)
-    data = buffer.getvalue()
-    position = 8
-    depth = color_type = 0
-    palette = b""
-    idat = []
-    while position < len(data):
+@dataclass(frozen=True)
+class _Png:
+    """What a PDF image needs from a PNG stream: its header fields, palette and compressed data."""
+
+    width: int
+    height: int
+    depth: int
+    color_type: int  # 0 grey, 2 RGB, 3 palette (4 and 6 carry alpha)
+    interlaced: bool
+    transparency: bool  # a tRNS chunk
+    palette: bytes
+    idat: bytes
+
+
+def _read_png(data: bytes) -> _Png:
+    position, header, palette, transparency, idat = 8, b"", b"", False, []
+    while position + 8 <= len(data):
         (length,) = struct.unpack(">I", data[position : position + 4])
         kind = data[position + 4 : position + 8]
         body = data[position + 8 : position + 8 + length]
         if kind == b"IHDR":
-            depth, color_type = body[8], body[9]
+            header = body
         elif kind == b"PLTE":
             palette = body
+        elif kind == b"tRNS":
+            transparency = True
         elif kind == b"IDAT":
             idat.append(body)
         position += 12 + length
-    return depth, color_type, palette, b"".join(idat)
+    width, height, depth, color_type, _, _, interlace = struct.unpack(">IIBBBBB", header[:13])
+    return _Png(width, height, depth, color_type, interlace != 0, transparency, palette, b"".join(idat))
 
 
-def _flate_image(pdf: pikepdf.Pdf, image: Image.Image) -> pikepdf.Stream:
-    """An image XObject holding exactly the image's pixels (PNG predictors in a Flate stream)."""
-    depth, color_type, palette, idat = _png_parts(image)
-    colors = {0: 1, 2: 3, 3: 1}[color_type]
-    if color_type == 3:
-        color_space: object = [pikepdf.Name.Indexed, pikepdf.Name.DeviceRGB, len(palette) // 3 - 1, pikepdf.String(palette)]
+def _encode_png(image: Image.Image) -> _Png:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=6)
+    return _read_png(buffer.getvalue())
+
+
+def _flate_image(pdf: pikepdf.Pdf, png: _Png) -> pikepdf.Stream:
+    """An image XObject holding exactly the PNG's pixels: its compressed data as a Flate stream with
+    PNG predictors, which PDF decodes the way PNG does (no re-encoding)."""
+    colors = {0: 1, 2: 3, 3: 1}[png.color_type]
+    if png.color_type == 3:
+        color_space: object = [pikepdf.Name.Indexed, pikepdf.Name.DeviceRGB, len(png.palette) // 3 - 1, pikepdf.String(png.palette)]
     else:
         color_space = pikepdf.Name.DeviceGray if colors == 1 else pikepdf.Name.DeviceRGB
     return pikepdf.Stream(
         pdf,
-        idat,
+        png.idat,
         Type=pikepdf.Name.XObject,
         Subtype=pikepdf.Name.Image,
-        Width=image.width,
-        Height=image.height,
+        Width=png.width,
+        Height=png.height,
         ColorSpace=color_space,
-        BitsPerComponent=depth,
+        BitsPerComponent=png.depth,
         Filter=pikepdf.Name.FlateDecode,
-        DecodeParms=pikepdf.Dictionary(Predictor=15, Colors=colors, BitsPerComponent=depth, Columns=image.width),
+        DecodeParms=pikepdf.Dictionary(Predictor=15, Colors=colors, BitsPerComponent=png.depth, Columns=png.width),
     )
 
 
@@ -350,20 +366,20 @@ def _dpi(image: Image.Image, shown_size: tuple[int, int], swapped: bool) -> tupl
 
 
 def _image_page(
-    pdf: pikepdf.Pdf, image: Image.Image, jpeg: bytes
+    pdf: pikepdf.Pdf, image: Image.Image, raw: bytes
 ) -> tuple[pikepdf.Stream, tuple[float, float], tuple[float, ...], Image.Image]:
-    """(image XObject, page size in points, its drawing matrix, the image as shown). `jpeg`: the file's
-    bytes when it is a JPEG, embedded as they are."""
+    """(image XObject, page size in points, its drawing matrix, the image as shown). `raw`: the file's
+    bytes when it is a one-frame JPEG or PNG, whose compressed data is embedded as it is."""
     orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
     swapped = orientation in (5, 6, 7, 8)
     stored = image.size
     shown_size = (stored[1], stored[0]) if swapped else stored
     dpi_x, dpi_y = _dpi(image, shown_size, swapped)
     size = (shown_size[0] * 72 / dpi_x, shown_size[1] * 72 / dpi_y)
-    if image.format == "JPEG" and image.mode in JPEG_MODES:
+    if image.format == "JPEG" and image.mode in JPEG_MODES and raw:
         xobject = pikepdf.Stream(
             pdf,
-            jpeg,
+            raw,
             Type=pikepdf.Name.XObject,
             Subtype=pikepdf.Name.Image,
             Width=stored[0],
@@ -377,11 +393,16 @@ def _image_page(
         shown = ImageOps.exif_transpose(image)
         return xobject, size, _orientation_matrix(orientation, *size), shown
     shown = ImageOps.exif_transpose(image)
+    matrix = (size[0], 0, 0, size[1], 0, 0)
+    if image.format == "PNG" and raw and orientation == 1:
+        png = _read_png(raw)
+        if not png.interlaced and not png.transparency and png.color_type in (0, 2, 3):
+            return _flate_image(pdf, png), size, matrix, shown
     color, alpha = _lossless_parts(shown)
-    xobject = _flate_image(pdf, color)
+    xobject = _flate_image(pdf, _encode_png(color))
     if alpha is not None:
-        xobject.SMask = _flate_image(pdf, alpha)
-    return xobject, size, (size[0], 0, 0, size[1], 0, 0), shown
+        xobject.SMask = _flate_image(pdf, _encode_png(alpha))
+    return xobject, size, matrix, shown
 
 
 def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryIO) -> list[Placement]:
@@ -397,7 +418,7 @@ def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryI
             frames = getattr(image, "n_frames", 1)
             if frames != len(pages):
                 raise SearchablePdfError(f"The image has {frames} pages, but text was given for {len(pages)}.")
-            raw = Path(source).read_bytes() if image.format == "JPEG" else b""
+            raw = Path(source).read_bytes() if image.format in ("JPEG", "PNG") and frames == 1 else b""
             for index, page in enumerate(pages):
                 image.seek(index)
                 xobject, (width, height), matrix, shown = _image_page(pdf, image, raw)

@@ -107,8 +107,8 @@ class GlyphlessFont:
     def _cid(self, char: str) -> int:
         cid = self._cids.get(char)
         if cid is None:
-            if len(self._cids) >= MAX_CID - 1:
-                return self._cid("\ufffd") if char != "\ufffd" else MAX_CID
+            if len(self._cids) >= MAX_CID - 1 and char != "\ufffd":
+                return self._cid("\ufffd")  # the one CID kept free for it
             cid = self._cids[char] = len(self._cids) + 1
         return cid
 
@@ -276,6 +276,15 @@ def _across(words: Sequence[str], line: Box) -> list[Run]:
         runs.append(Run(words[index], x, line.y0, x + width, line.y1))
         x += width + unit
     return runs
+
+
+def split_box(box: Box) -> list[Box]:
+    """A box whose text is several words (some engines box a phrase) as one box per word, side by side
+    in the order they are shown; no box for blank text."""
+    words = box.text.split()
+    if len(words) <= 1:
+        return [Box(words[0], box.x0, box.y0, box.x1, box.y1)] if words else []
+    return [Box(run.text, run.x0, run.y0, run.x1, run.y1) for run in _across(words, box)]
 
 
 def runs_over_lines(text_lines: Sequence[Sequence[str]], lines: Sequence[Box]) -> list[list[Run]]:

@@ -480,6 +480,7 @@ IMAGE_CASES = {
     "png bilevel": ("PNG", "1", {}, 150),
     "png palette": ("PNG", "P", {}, 150),
     "png rgba": ("PNG", "RGBA", {}, 150),
+    "png palette with a transparent colour": ("PNG", "P", {"transparency": 0}, 150),
     "png 16-bit grey": ("PNG", "I;16", {}, 150),
     "webp lossless": ("WEBP", "RGB", {"lossless": True}, None),  # WebP records no resolution
     "webp lossy": ("WEBP", "RGB", {"quality": 60}, None),
@@ -503,8 +504,26 @@ def test_image_pages_are_wrapped_losslessly(tmp_path: Path, case: tuple) -> None
         assert pdf.check_pdf_syntax() == []
     # The decoded pixels exactly; with an alpha channel, composited over white by PDFium and by
     # Pillow, whose rounding differs by one level.
-    assert_same_pixels(rendered_page(out, 0, (600, 800)), shown_pixels(source), tolerance=1 if mode == "RGBA" else 0)
+    alpha = mode == "RGBA" or "transparency" in options
+    assert_same_pixels(rendered_page(out, 0, (600, 800)), shown_pixels(source), tolerance=1 if alpha else 0)
     assert normalized(pdfium_text(out)) == normalized(text)
+
+
+def test_a_png_s_compressed_data_is_embedded_as_it_is(tmp_path: Path) -> None:
+    source = tmp_path / "page.png"
+    page_image("L").save(source, format="PNG", dpi=(300, 300), optimize=True)
+    out = tmp_path / "out.pdf"
+    write_searchable_pdf(source, "image/png", [PageText("x")], out)
+    data = source.read_bytes()
+    idat, position = b"", 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        if data[position + 4 : position + 8] == b"IDAT":
+            idat += data[position + 8 : position + 8 + length]
+        position += 12 + length
+    with pikepdf.open(out) as pdf:
+        (image,) = pdf.pages[0].get_images().values()
+        assert image.read_raw_bytes() == idat and image.DecodeParms.Predictor == 15
 
 
 @pytest.mark.parametrize("orientation", [1, 2, 3, 4, 5, 6, 7, 8])
