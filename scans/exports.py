@@ -19,8 +19,10 @@ Page boundaries:
 
 from __future__ import annotations
 
+import io
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
@@ -224,3 +226,28 @@ def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:
     is gone."""
     layers = [page_text_layer(page, scan) for page in _pages(scan)]
     return write_searchable_pdf(Path(scan.file.path), scan.content_type, layers, output)
+
+
+def export_pdf_bytes(scan: Scan) -> bytes:
+    """The searchable PDF in memory (for a download or `manage.py ocr`; see export_pdf)."""
+    buffer = io.BytesIO()
+    export_pdf(scan, buffer)
+    return buffer.getvalue()
+
+
+def _export_json_text(scan: Scan) -> str:
+    return json.dumps(export_json(scan), ensure_ascii=False, indent=2) + "\n"
+
+
+# The downloadable formats: extension -> (Content-Type, exporter). Views and `manage.py ocr` use this.
+# The searchable PDF is `export_pdf`/`export_pdf_bytes`, for the phase that wires `download.pdf`.
+FORMATS: dict[str, tuple[str, Callable[[Scan], str | bytes]]] = {
+    "md": ("text/markdown; charset=utf-8", export_markdown),
+    "txt": ("text/plain; charset=utf-8", export_text),
+    "json": ("application/json", _export_json_text),
+}
+
+
+def render(scan: Scan, fmt: str) -> str | bytes:
+    """The scan's result in `fmt` (a key of FORMATS)."""
+    return FORMATS[fmt][1](scan)

@@ -358,7 +358,7 @@ def _inline_text(nodes: Sequence[SyntaxTreeNode]) -> str:
         elif kind == "image":
             out.append(_inline_text(node.children))
         elif kind == "html_inline":
-            out.append(html_to_text(node.content) if _is_html_markup(node.content) else node.content)
+            out.append(_inline_tag_text(node.content))
         elif kind in _MATH_TYPES or kind == "math_inline_bracket":
             out.append(_math_source(node.token))  # type: ignore[arg-type]
         else:  # strikethrough (s) and anything a plugin adds: its text
@@ -366,9 +366,16 @@ def _inline_text(nodes: Sequence[SyntaxTreeNode]) -> str:
     return "".join(out)
 
 
-def _is_html_markup(raw: str) -> bool:
+def _inline_tag_text(raw: str) -> str:
+    """One inline tag (or comment) as text: a line break for <br>, nothing for other HTML elements and
+    comments, itself for a tag that is not HTML (`<MIME>`)."""
     match = _TAG.match(raw)
-    return match is None or match.group(2).lower() in HTML_ELEMENTS  # comments and HTML elements
+    if match is None:
+        return ""
+    name = match.group(2).lower()
+    if name == "br":
+        return "\n"
+    return "" if name in HTML_ELEMENTS else raw
 
 
 def _indent(text: str, first: str, rest: str) -> str:

@@ -416,7 +416,7 @@ def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryI
             raise SearchablePdfError(f"The image could not be read: {error}") from error
         with image:
             frames = getattr(image, "n_frames", 1)
-            if frames != len(pages):
+            if frames < len(pages):  # fewer is fine: an animation whose first frame is its one page
                 raise SearchablePdfError(f"The image has {frames} pages, but text was given for {len(pages)}.")
             raw = Path(source).read_bytes() if image.format in ("JPEG", "PNG") and frames == 1 else b""
             for index, page in enumerate(pages):
@@ -443,7 +443,8 @@ def write_searchable_pdf(
     source: Path | str, content_type: str, pages: Sequence[PageText], output: Path | str | BinaryIO
 ) -> list[Placement]:
     """Write `source` (a PDF or an image file) with an invisible text layer to `output`; `pages[i]` is
-    the text of page i + 1 (every page, in order). Returns where each page's text was placed.
+    the text of page i + 1 (every page of a PDF, in order; the first len(pages) frames of an image).
+    Returns where each page's text was placed.
 
     Raises SearchablePdfError when the source cannot be read or its page count differs from `pages`.
     Blocking and CPU-bound (PDFium and qpdf): call it off the event loop."""

@@ -267,6 +267,10 @@ def test_a_table_nested_in_a_cell_is_that_cell_s_text():
     assert markdown_to_text(source) == "a\tb c\nd\n"
 
 
+def test_inline_html_formatting_is_dropped_and_br_breaks_the_line():
+    assert markdown_to_text("Line one<br>line two <sup>2</sup> H<sub>2</sub>O <!-- note -->") == "Line one\nline two 2 H2O\n"
+
+
 def test_scripts_and_comments_leave_no_text():
     assert markdown_to_text("before\n\n<script>alert(1)</script>\n\n<!-- hidden -->\n\nafter") == "before\n\nafter\n"
 

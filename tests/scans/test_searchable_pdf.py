@@ -576,6 +576,12 @@ def test_multi_page_tiff_becomes_one_page_per_frame(tmp_path: Path) -> None:
     for index, frame in enumerate(frames):
         assert_same_pixels(rendered_page(out, index, frame.size), shown_pixels(source, index))
         assert normalized(pdfium_text(out, index)) == texts[index]
+    # A scan that reads only the first frame (an animation) gets a one-page PDF.
+    assert write_searchable_pdf(source, "image/tiff", [PageText("first")], out) == ["page"]
+    with pikepdf.open(out) as pdf:
+        assert len(pdf.pages) == 1
+    with pytest.raises(SearchablePdfError, match="3 pages, but text was given for 4"):
+        write_searchable_pdf(source, "image/tiff", [PageText("x")] * 4, out)
 
 
 def test_an_image_without_a_resolution_fits_a4(tmp_path: Path) -> None:
