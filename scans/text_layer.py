@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import unicodedata
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,6 +108,8 @@ class GlyphlessFont:
     def _cid(self, char: str) -> int:
         cid = self._cids.get(char)
         if cid is None:
+            if "\ud800" <= char <= "\udfff":  # a lone surrogate (from a JSON escape) has no UTF-16 form
+                return self._cid("\ufffd")
             if len(self._cids) >= MAX_CID - 1 and char != "\ufffd":
                 return self._cid("\ufffd")  # the one CID kept free for it
             cid = self._cids[char] = len(self._cids) + 1
@@ -173,14 +176,20 @@ def visual_order(words: Sequence[str]) -> list[int]:
     on the whole line); logical order when the line has no right-to-left text."""
     if not any(_has_rtl(word) for word in words):
         return list(range(len(words)))
-    remaining = dict(enumerate(words))
-    order = []
+    by_form: dict[str, deque[int]] = {}
+    for index, word in enumerate(words):
+        for form in {word, _visual(word)}:
+            by_form.setdefault(form, deque()).append(index)
+    order: list[int] = []
+    placed: set[int] = set()
     for token in get_display(" ".join(words)).split(" "):
-        index = next((i for i, word in remaining.items() if token in (word, _visual(word))), None)
-        if index is None:  # a word mixing directions: no better guess than the logical order
+        candidates = by_form.get(token, deque())
+        while candidates and candidates[0] in placed:
+            candidates.popleft()
+        if not candidates:  # a word mixing directions: no better guess than the logical order
             return list(range(len(words)))
-        order.append(index)
-        del remaining[index]
+        order.append(candidates.popleft())
+        placed.add(order[-1])
     return order
 
 

@@ -27,6 +27,8 @@ def test_visual_order_follows_the_bidi_algorithm():
     assert visual_order(["שלום", "עולם"]) == [1, 0]
     assert visual_order(["Version", "2", "של", "המערכת"]) == [0, 1, 3, 2]
     assert visual_order(["זהו", "2024"]) == [1, 0]
+    repeated = visual_order(["שלום", "שלום", "abc"])  # a right-to-left line: "abc" is leftmost
+    assert repeated[0] == 2 and sorted(repeated) == [0, 1, 2]  # each repeated word placed once
 
 
 def test_a_phrase_box_is_split_into_word_boxes():
@@ -82,6 +84,12 @@ def test_the_font_maps_every_character_it_wrote_back_to_unicode():
     decoded = "".join(bytes.fromhex(entries[encoded[i : i + 2].hex().upper()]).decode("utf-16-be") for i in range(0, len(encoded), 2))
     assert decoded == text
     assert len(font.font.DescendantFonts[0].CIDToGIDMap.read_bytes()) == 2 * 253
+
+
+def test_a_lone_surrogate_is_written_as_the_replacement_character():
+    font = GlyphlessFont(pikepdf.new())
+    assert font.encode("a\ud800b")[2:4] == font.encode("\ufffd")
+    font.finish()
 
 
 def test_past_the_cid_limit_characters_become_the_replacement_character(monkeypatch):
