@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
@@ -33,7 +33,7 @@ from scans.searchable_pdf import PageText, Placement, write_searchable_pdf
 from scans.selectors import ordered_pages
 
 PAGE_MARKER = "<!-- page {number} -->"
-PAGE_MARKER_LINE = re.compile(r"^<!-- page (\d+) -->$", re.MULTILINE)
+PAGE_MARKER_LINE = re.compile(r"^<!-- page (\d+) -->[ \t\r]*$", re.MULTILINE)
 PAGE_SEPARATOR = "\f"
 # Engines whose output is plain text, not Markdown (the CPU engines); a page read from the PDF's own
 # text layer (`fallback`) is plain text too.
@@ -69,10 +69,6 @@ def _reason(page: Page) -> str:
     return " ".join(page.error.split()) or "unknown error"
 
 
-def _pages(scan: Scan) -> Iterable[Page]:
-    return ordered_pages(scan)
-
-
 # --- Markdown --------------------------------------------------------------------------------------
 
 
@@ -92,7 +88,7 @@ def markdown_part(page: Page) -> str:
 
 
 def export_markdown(scan: Scan) -> str:
-    return "\n\n".join(markdown_part(page) for page in _pages(scan)) + "\n"
+    return "\n\n".join(markdown_part(page) for page in ordered_pages(scan)) + "\n"
 
 
 def split_markdown(document: str) -> dict[int, str]:
@@ -101,7 +97,7 @@ def split_markdown(document: str) -> dict[int, str]:
     markers = list(PAGE_MARKER_LINE.finditer(document))
     for marker, following in zip(markers, [*markers[1:], None]):
         end = following.start() if following else len(document)
-        pages[int(marker.group(1))] = document[marker.end() : end].strip("\n")
+        pages[int(marker.group(1))] = document[marker.end() : end].strip("\r\n")
     return pages
 
 
@@ -119,7 +115,7 @@ def text_part(page: Page, scan: Scan) -> str:
 
 
 def export_text(scan: Scan) -> str:
-    return PAGE_SEPARATOR.join(text_part(page, scan) for page in _pages(scan))
+    return PAGE_SEPARATOR.join(text_part(page, scan) for page in ordered_pages(scan))
 
 
 # --- JSON ------------------------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def page_json(page: Page, scan: Scan) -> dict[str, Any]:
 
 
 def export_json(scan: Scan) -> dict[str, Any]:
-    pages = [page_json(page, scan) for page in _pages(scan)]
+    pages = [page_json(page, scan) for page in ordered_pages(scan)]
     return {
         "scan": {
             "id": scan.pk,
@@ -224,7 +220,7 @@ def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:
     scans.searchable_pdf) so a caller can say how well the text is positioned. Blocking (run it off
     the event loop); raises scans.searchable_pdf.SearchablePdfError, or OSError when the stored file
     is gone."""
-    layers = [page_text_layer(page, scan) for page in _pages(scan)]
+    layers = [page_text_layer(page, scan) for page in ordered_pages(scan)]
     return write_searchable_pdf(Path(scan.file.path), scan.content_type, layers, output)
 
 

@@ -79,6 +79,8 @@ def test_markdown_pages_round_trip(scan):
     for number in (1, 2, 4, 5):
         assert pages[number] == PAGE_TEXT[number]
     assert pages[6] == ""
+    edited_on_windows = exports.export_markdown(scan).replace("\n", "\r\n")
+    assert exports.split_markdown(edited_on_windows)[2] == PAGE_TEXT[2].replace("\n", "\r\n")
 
 
 def test_text_has_one_form_feed_separated_chunk_per_page(scan):
