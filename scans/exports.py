@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from scans.markup import markdown_to_text
 from scans.models import Page, Scan
-from scans.searchable_pdf import PageText, Placement, write_searchable_pdf
+from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
 from scans.selectors import ordered_pages
 
 PAGE_MARKER = "<!-- page {number} -->"
@@ -213,6 +213,12 @@ def page_text_layer(page: Page, scan: Scan) -> PageText:
         layout=getattr(page, "layout", None) or None,
         rotation=layout_rotation(page.metadata or {}),
     )
+
+
+def page_placement(page: Page, scan: Scan) -> Placement:
+    """How the searchable PDF will place the page's text ("words", "lines", "page" or "none"), for the
+    page view to say; a PDF page with a text layer of its own becomes "existing" when the PDF is made."""
+    return placement_of(page_text_layer(page, scan))
 
 
 def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:

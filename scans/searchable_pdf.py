@@ -155,18 +155,30 @@ def _text_area_rows(text_lines: list[list[str]], area: tuple[float, float, float
     return rows, boxes
 
 
+def placement_of(page: PageText) -> Placement:
+    """Where the page's text will go, known before the PDF is written (except `existing`, which
+    depends on the PDF page's own text layer)."""
+    if not page.text.strip():
+        return "none"
+    lines = (page.layout or {}).get("lines") or []
+    if any(word["text"].strip() for line in lines for word in line.get("words", [])):
+        return "words"
+    return "lines" if lines else "page"
+
+
 def _place(page: PageText, frame: _Frame, text_area: tuple[float, float, float, float] | None) -> tuple[list[list[Run]], Placement]:
+    placement = placement_of(page)
     text_lines = _text_lines(page.text)
-    if not text_lines:
-        return [], "none"
-    if page.layout and page.layout.get("lines"):
-        line_boxes, word_boxes = _layout_lines(page.layout, frame)
-        if any(word_boxes):
-            return runs_over_words([w for line in text_lines for w in line], word_boxes, line_boxes), "words"
-        return runs_over_lines(text_lines, line_boxes), "lines"
-    area = text_area or (frame.width * 0.08, frame.height * 0.08, frame.width * 0.92, frame.height * 0.92)
-    rows, boxes = _text_area_rows(text_lines, area)
-    return runs_over_lines(rows, boxes), "page"
+    if placement == "none":
+        return [], placement
+    if placement == "page":
+        area = text_area or (frame.width * 0.08, frame.height * 0.08, frame.width * 0.92, frame.height * 0.92)
+        rows, boxes = _text_area_rows(text_lines, area)
+        return runs_over_lines(rows, boxes), placement
+    line_boxes, word_boxes = _layout_lines(page.layout, frame)  # type: ignore[arg-type]
+    if placement == "words":
+        return runs_over_words([word for line in text_lines for word in line], word_boxes, line_boxes), placement
+    return runs_over_lines(text_lines, line_boxes), placement
 
 
 def _ink_area(image: Image.Image, frame: _Frame) -> tuple[float, float, float, float] | None:
@@ -182,7 +194,7 @@ def _ink_area(image: Image.Image, frame: _Frame) -> tuple[float, float, float, f
 
 
 def _needs_ink(page: PageText) -> bool:
-    return bool(page.text.strip()) and not (page.layout and page.layout.get("lines"))
+    return placement_of(page) == "page"
 
 
 def _free_name(pdf_page: pikepdf.Page, kind: str, stem: str) -> pikepdf.Name:

@@ -171,6 +171,7 @@ def test_the_searchable_pdf_carries_each_page_s_plain_text(scan, tmp_path: Path)
     out = tmp_path / "report.pdf"
     placements = exports.export_pdf(scan, out)
     assert placements == ["page", "page", "none", "page", "page", "none", "none"]
+    assert [exports.page_placement(page, scan) for page in scan.pages.order_by("number")] == placements
     pdf = pdfium.PdfDocument(str(out))
     try:
         texts = [" ".join(page.get_textpage().get_text_range().split()) for page in pdf]
