@@ -35,7 +35,6 @@ import django  # noqa: E402
 django.setup()
 
 import pikepdf  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from scans.pipeline.render import render_page_sync  # noqa: E402
 from scans.searchable_pdf import PageText, write_searchable_pdf  # noqa: E402
@@ -129,7 +128,7 @@ def main() -> None:
 
     reference = statistics.median(timings["render at 1288 px (OCR's own render)"])
     print(f"{args.pages} pages, letter size at 200 dpi, median of {args.rounds} interleaved rounds")
-    print(f"| input, placement | ms/page | vs OCR's render | input KB | output KB | output/input |")
+    print("| input, placement | ms/page | vs OCR's render | input KB | output KB | output/input |")
     print("|---|---|---|---|---|---|")
     for name, source, _, _ in cases:
         per_page = statistics.median(timings[name])

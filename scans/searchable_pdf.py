@@ -132,7 +132,10 @@ def _layout_lines(layout: PageLayout, frame: _Frame) -> tuple[list[Box], list[li
     return lines, words
 
 
-def _text_area_rows(text_lines: list[list[str]], area: tuple[float, float, float, float]) -> tuple[list[list[str]], list[Box]]:
+Area = tuple[float, float, float, float]  # x0, y0, x1, y1 in frame points
+
+
+def _text_area_rows(text_lines: list[list[str]], area: Area) -> tuple[list[list[str]], list[Box]]:
     """The text's lines, long ones wrapped at about ROW_FONT_SIZE, as rows down a text area (rows of
     equal pitch, at most one per 2 points: a page with more text than that has its words spread)."""
     x0, y0, x1, y1 = area
@@ -166,7 +169,7 @@ def placement_of(page: PageText) -> Placement:
     return "lines" if lines else "page"
 
 
-def _place(page: PageText, frame: _Frame, text_area: tuple[float, float, float, float] | None) -> tuple[list[list[Run]], Placement]:
+def _place(page: PageText, frame: _Frame, text_area: Area | None) -> tuple[list[list[Run]], Placement]:
     placement = placement_of(page)
     text_lines = _text_lines(page.text)
     if placement == "none":
@@ -181,7 +184,7 @@ def _place(page: PageText, frame: _Frame, text_area: tuple[float, float, float, 
     return runs_over_lines(text_lines, line_boxes), placement
 
 
-def _ink_area(image: Image.Image, frame: _Frame) -> tuple[float, float, float, float] | None:
+def _ink_area(image: Image.Image, frame: _Frame) -> Area | None:
     """The bounding box of the ink of an image of the frame, in frame points (None for a blank page)."""
     gray = image.convert("L")
     gray.thumbnail((INK_SIDE, INK_SIDE))
@@ -312,7 +315,8 @@ def _flate_image(pdf: pikepdf.Pdf, png: _Png) -> pikepdf.Stream:
     PNG predictors, which PDF decodes the way PNG does (no re-encoding)."""
     colors = {0: 1, 2: 3, 3: 1}[png.color_type]
     if png.color_type == 3:
-        color_space: object = [pikepdf.Name.Indexed, pikepdf.Name.DeviceRGB, len(png.palette) // 3 - 1, pikepdf.String(png.palette)]
+        last = len(png.palette) // 3 - 1
+        color_space: object = [pikepdf.Name.Indexed, pikepdf.Name.DeviceRGB, last, pikepdf.String(png.palette)]
     else:
         color_space = pikepdf.Name.DeviceGray if colors == 1 else pikepdf.Name.DeviceRGB
     return pikepdf.Stream(

@@ -130,7 +130,10 @@ def normalized(text: str) -> str:
     return " ".join(text.split())
 
 
-def device_word_boxes(path: Path, index: int, size: tuple[int, int], rotate: int = 0) -> list[tuple[str, tuple[int, int, int, int]]]:
+PixelBox = tuple[int, int, int, int]
+
+
+def device_word_boxes(path: Path, index: int, size: tuple[int, int], rotate: int = 0) -> list[tuple[str, PixelBox]]:
     """Each word of the page's text layer with the union of its characters' loose boxes, mapped to
     device pixels of a `size` rendering turned `rotate` degrees by PDFium itself."""
     pdf = pdfium.PdfDocument(str(path))
@@ -165,7 +168,7 @@ def device_word_boxes(path: Path, index: int, size: tuple[int, int], rotate: int
         pdf.close()
 
 
-def assert_on_boxes(found: list[tuple[str, tuple]], expected: dict[str, tuple[int, int, int, int]]) -> None:
+def assert_on_boxes(found: list[tuple[str, PixelBox]], expected: dict[str, PixelBox]) -> None:
     """Within 2 px, plus 1.5 % of the box's height: PDFium's character boxes reach 1.2 % of the font size
     above the ascent the font declares (measured; other viewers use the declared ascent)."""
     assert sorted(text for text, _ in found) == sorted(expected), (found, expected)
@@ -248,7 +251,8 @@ def test_a_page_content_that_leaves_its_graphics_state_changed_does_not_move_the
     source = tmp_path / "in.pdf"
     pdf.save(source)
     layout = {"width": 600, "height": 800, "lines": [
-        {"bbox": (100, 100, 300, 130), "conf": 90.0, "words": [{"text": "Placed", "bbox": (100, 100, 300, 130), "conf": 90.0}]}
+        {"bbox": (100, 100, 300, 130), "conf": 90.0,
+         "words": [{"text": "Placed", "bbox": (100, 100, 300, 130), "conf": 90.0}]}
     ]}
     out = tmp_path / "out.pdf"
     write_searchable_pdf(source, PDF, [PageText("Placed", layout)], out)
@@ -281,7 +285,8 @@ def realistic_layout(text: str, size: tuple[int, int] = (1000, 1294)) -> dict:
             boxes[word] = (round(x), top, round(x + width), top + height)
             x += width + 0.3 * height
         words = [{"text": word, "bbox": boxes[word], "conf": 95.0} for word in logical]
-        lines.append({"bbox": (min(w["bbox"][0] for w in words), top, max(w["bbox"][2] for w in words), top + height), "conf": 95.0, "words": words})
+        left, right = min(w["bbox"][0] for w in words), max(w["bbox"][2] for w in words)
+        lines.append({"bbox": (left, top, right, top + height), "conf": 95.0, "words": words})
     return {"width": size[0], "height": size[1], "lines": lines}
 
 
@@ -367,7 +372,8 @@ def test_text_without_boxes_lies_within_the_ink(tmp_path: Path) -> None:
 
 
 def test_a_born_digital_page_keeps_its_own_text_and_gets_no_second_layer(tmp_path: Path) -> None:
-    source = make_pdf(tmp_path / "in.pdf", [{"text": "Already searchable text"}, {"rects": grid_rects(1, 1, (100, 100, 300, 300))}])
+    scanned = {"rects": grid_rects(1, 1, (100, 100, 300, 300))}
+    source = make_pdf(tmp_path / "in.pdf", [{"text": "Already searchable text"}, scanned])
     out = tmp_path / "out.pdf"
     placements = write_searchable_pdf(source, PDF, [PageText("Already searchable text"), PageText("scanned words")], out)
     assert placements == ["existing", "page"]
@@ -582,7 +588,9 @@ def test_grey_and_cmyk_jpegs_pass_through(tmp_path: Path, mode: str) -> None:
 def test_multi_page_tiff_becomes_one_page_per_frame(tmp_path: Path) -> None:
     source = tmp_path / "scan.tiff"
     frames = [page_image("1", seed=1), page_image("L", seed=2), page_image("RGB", (800, 600), seed=3)]
-    frames[0].save(source, format="TIFF", save_all=True, append_images=frames[1:], compression="tiff_deflate", dpi=(200, 200))
+    frames[0].save(
+        source, format="TIFF", save_all=True, append_images=frames[1:], compression="tiff_deflate", dpi=(200, 200)
+    )
     out = tmp_path / "out.pdf"
     texts = ["first frame", "", "third frame"]
     assert write_searchable_pdf(source, "image/tiff", [PageText(t) for t in texts], out) == ["page", "none", "page"]

@@ -81,7 +81,8 @@ def test_the_font_maps_every_character_it_wrote_back_to_unicode():
     cmap = font.font.ToUnicode.read_bytes().decode()
     assert cmap.count("beginbfchar") == 3  # 252 characters, at most 100 per block
     entries = dict(re.findall(r"<([0-9A-F]{4})> <([0-9A-F]+)>", cmap))
-    decoded = "".join(bytes.fromhex(entries[encoded[i : i + 2].hex().upper()]).decode("utf-16-be") for i in range(0, len(encoded), 2))
+    cids = [encoded[i : i + 2].hex().upper() for i in range(0, len(encoded), 2)]
+    decoded = "".join(bytes.fromhex(entries[cid]).decode("utf-16-be") for cid in cids)
     assert decoded == text
     assert len(font.font.DescendantFonts[0].CIDToGIDMap.read_bytes()) == 2 * 253
 
