@@ -41,7 +41,7 @@ from scans.text_layer import (
     ADVANCE,
     UNITS_PER_EM,
     Box,
-    GlyphlessFont,
+    InvisibleFont,
     Run,
     runs_over_lines,
     runs_over_words,
@@ -209,7 +209,7 @@ def _free_name(pdf_page: pikepdf.Page, kind: str, stem: str) -> pikepdf.Name:
     return name
 
 
-def _draw_layer(pdf_page: pikepdf.Page, font: GlyphlessFont, lines: list[list[Run]], frame: _Frame) -> None:
+def _draw_layer(pdf_page: pikepdf.Page, font: InvisibleFont, lines: list[list[Run]], frame: _Frame) -> None:
     name = pdf_page.add_resource(font.font, pikepdf.Name.Font, _free_name(pdf_page, "/Font", "FOcr"))
     pdf_page.contents_add(text_layer_stream(font, str(name)[1:], lines, frame.matrix))
 
@@ -244,7 +244,7 @@ def _overlay_pdf(source: Path, pages: Sequence[PageText], output: Path | BinaryI
     with pdf, rendered:
         if len(pdf.pages) != len(pages):
             raise SearchablePdfError(f"The PDF has {len(pdf.pages)} pages, but text was given for {len(pages)}.")
-        font = GlyphlessFont(pdf)
+        font = InvisibleFont(pdf)
         for number, (pdf_page, page) in enumerate(zip(pdf.pages, pages), start=1):
             ocr_chars = len("".join(page.text.split()))
             existing = rendered.count_chars(number)
@@ -425,7 +425,7 @@ def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryI
     placements: list[Placement] = []
     pdf = pikepdf.new()
     with pdf:
-        font = GlyphlessFont(pdf)
+        font = InvisibleFont(pdf)
         try:
             image = Image.open(source)
         except (OSError, Image.UnidentifiedImageError) as error:

@@ -1,4 +1,4 @@
-"""The invisible text layer of a searchable PDF: a glyphless font, and text runs placed in boxes.
+"""The invisible text layer of a searchable PDF: a font that is never painted, and text runs in boxes.
 
 The approach of Tesseract's PDF renderer and OCRmyPDF's hocrtransform: text drawn in render mode 3
 (neither filled nor stroked, so never seen) with a font whose every glyph is the same box, half an em
@@ -23,6 +23,7 @@ import unicodedata
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 from functools import lru_cache
 
 import pikepdf
@@ -39,9 +40,10 @@ MIN_SPACE = 0.5  # points: the width of a space between two touching boxes
 
 
 @lru_cache(maxsize=1)
-def glyphless_font_program() -> bytes:
+def invisible_font_program() -> bytes:
     """A TrueType font with an empty `.notdef` and one glyph, a box filling the advance (500/1000 em)
-    from descender to ascender (about 600 bytes)."""
+    from descender to ascender (about 600 bytes). Built once per process; fontTools is imported here
+    because importing it takes about 120 ms, which every process would otherwise pay at start-up."""
     from fontTools.fontBuilder import FontBuilder
     from fontTools.pens.ttGlyphPen import TTGlyphPen
 
@@ -63,7 +65,7 @@ def glyphless_font_program() -> bytes:
     return buffer.getvalue()
 
 
-class GlyphlessFont:
+class InvisibleFont:
     """One Type0 (CIDFontType2, Identity-H) font for a whole output document.
 
     Characters get CIDs 1, 2, ... in order of first use; `finish()` writes the `ToUnicode` CMap and the
@@ -83,7 +85,7 @@ class GlyphlessFont:
             Descent=DESCENT,
             CapHeight=ASCENT,
             StemV=80,
-            FontFile2=pikepdf.Stream(pdf, glyphless_font_program()),
+            FontFile2=pikepdf.Stream(pdf, invisible_font_program()),
         )
         self._descendant = pikepdf.Dictionary(
             Type=pikepdf.Name.Font,
@@ -198,7 +200,7 @@ def _number(value: float) -> str:
     return "0" if text in ("-0", "") else text
 
 
-def _show(font: GlyphlessFont, run: Run, size: float) -> str:
+def _show(font: InvisibleFont, run: Run, size: float) -> str:
     text = _visual(run.text)
     natural = len(text) * size * ADVANCE / UNITS_PER_EM
     scale = 100 * max(run.x1 - run.x0, 0.01) / natural
@@ -210,7 +212,7 @@ def _show(font: GlyphlessFont, run: Run, size: float) -> str:
 
 
 def text_layer_stream(
-    font: GlyphlessFont, font_resource: str, lines: Sequence[Line], matrix: Sequence[float]
+    font: InvisibleFont, font_resource: str, lines: Sequence[Line], matrix: Sequence[float]
 ) -> bytes:
     """Content-stream operators drawing `lines` invisibly, the runs of a line separated by spaces that
     fill the gaps between their boxes. `matrix` maps the frame onto user space (a `cm` operand)."""
@@ -311,8 +313,6 @@ def runs_over_words(words: Sequence[str], lines: Sequence[Sequence[Box]], line_b
     Where the text's words are the engine's words, each lands on its own box. Where they differ (a
     person's correction), the two are aligned (difflib): unchanged words keep their boxes, a replaced
     span is spread over the boxes of the words it replaced, and inserted words join their neighbour."""
-    from difflib import SequenceMatcher
-
     old = [(index, box) for index, boxes in enumerate(lines) for box in boxes]
     pieces: list[tuple[int, Box, list[str]]] = []  # (line, box, the words laid over it)
     pending: list[str] = []  # inserted before any box was used

@@ -10,7 +10,7 @@ import pytest
 from fontTools.ttLib import TTFont
 
 from scans import text_layer
-from scans.text_layer import Box, GlyphlessFont, runs_over_lines, runs_over_words, split_box, spread, visual_order
+from scans.text_layer import Box, InvisibleFont, runs_over_lines, runs_over_words, split_box, spread, visual_order
 
 
 def test_spread_keeps_order_and_follows_the_widths():
@@ -73,7 +73,7 @@ def test_lines_take_text_line_for_line_when_the_counts_agree():
 
 def test_the_font_maps_every_character_it_wrote_back_to_unicode():
     pdf = pikepdf.new()
-    font = GlyphlessFont(pdf)
+    font = InvisibleFont(pdf)
     text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 250)) + "é😀"
     encoded = font.encode(text)
     assert len(encoded) == 2 * len(text) and font.encode(text[:3]) == encoded[:6]
@@ -88,14 +88,14 @@ def test_the_font_maps_every_character_it_wrote_back_to_unicode():
 
 
 def test_a_lone_surrogate_is_written_as_the_replacement_character():
-    font = GlyphlessFont(pikepdf.new())
+    font = InvisibleFont(pikepdf.new())
     assert font.encode("a\ud800b")[2:4] == font.encode("\ufffd")
     font.finish()
 
 
 def test_past_the_cid_limit_characters_become_the_replacement_character(monkeypatch):
     monkeypatch.setattr(text_layer, "MAX_CID", 4)
-    font = GlyphlessFont(pikepdf.new())
+    font = InvisibleFont(pikepdf.new())
     encoded = font.encode("abcdef")
     cids = [encoded[i : i + 2] for i in range(0, 12, 2)]
     assert cids[3] == cids[4] == cids[5] and len(set(cids)) == 4
@@ -104,7 +104,7 @@ def test_past_the_cid_limit_characters_become_the_replacement_character(monkeypa
 
 
 def test_the_font_program_is_one_box_glyph():
-    font = TTFont(io.BytesIO(text_layer.glyphless_font_program()))
+    font = TTFont(io.BytesIO(text_layer.invisible_font_program()))
     assert font.getGlyphOrder() == [".notdef", "box"]
     assert font["hmtx"]["box"] == (text_layer.ADVANCE, 0)
     glyph = font["glyf"]["box"]
