@@ -383,9 +383,9 @@ def _dpi(image: Image.Image, shown_size: tuple[int, int], swapped: bool) -> tupl
 
 def _image_page(
     pdf: pikepdf.Pdf, image: Image.Image, raw: bytes
-) -> tuple[pikepdf.Stream, tuple[float, float], tuple[float, ...], Image.Image]:
-    """(image XObject, page size in points, its drawing matrix, the image as shown). `raw`: the file's
-    bytes when it is a one-frame JPEG or PNG, whose compressed data is embedded as it is."""
+) -> tuple[pikepdf.Stream, tuple[float, float], tuple[float, ...]]:
+    """(image XObject, page size in points, its drawing matrix). `raw`: the file's bytes when it is a
+    one-frame JPEG or PNG, whose compressed data is embedded as it is."""
     orientation = image.getexif().get(0x0112, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
     swapped = orientation in (5, 6, 7, 8)
     stored = image.size
@@ -406,19 +406,25 @@ def _image_page(
         )
         if image.mode == "CMYK" and "adobe" in image.info:
             xobject.Decode = [1, 0, 1, 0, 1, 0, 1, 0]  # Adobe writes CMYK JPEGs inverted
-        shown = ImageOps.exif_transpose(image)
-        return xobject, size, _orientation_matrix(orientation, *size), shown
-    shown = ImageOps.exif_transpose(image)
+        return xobject, size, _orientation_matrix(orientation, *size)
     matrix = (size[0], 0, 0, size[1], 0, 0)
     if image.format == "PNG" and raw and orientation == 1:
         png = _read_png(raw)
         if not png.interlaced and not png.transparency and png.color_type in (0, 2, 3):
-            return _flate_image(pdf, png), size, matrix, shown
-    color, alpha = _lossless_parts(shown)
+            return _flate_image(pdf, png), size, matrix
+    color, alpha = _lossless_parts(ImageOps.exif_transpose(image))
     xobject = _flate_image(pdf, _encode_png(color))
     if alpha is not None:
         xobject.SMask = _flate_image(pdf, _encode_png(alpha))
-    return xobject, size, matrix, shown
+    return xobject, size, matrix
+
+
+def _shown_small(image: Image.Image, rotation: int) -> Image.Image:
+    """The frame as shown (EXIF orientation, then `rotation` clockwise), decoded small where the
+    format allows it (JPEG decodes at 1/2 to 1/8 scale): enough to find the ink."""
+    image.draft("L", (INK_SIDE, INK_SIDE))
+    shown = ImageOps.exif_transpose(image)
+    return shown.rotate(-rotation, expand=True) if rotation else shown
 
 
 def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryIO) -> list[Placement]:
@@ -437,15 +443,14 @@ def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryI
             raw = Path(source).read_bytes() if image.format in ("JPEG", "PNG") and frames == 1 else b""
             for index, page in enumerate(pages):
                 image.seek(index)
-                xobject, (width, height), matrix, shown = _image_page(pdf, image, raw)
+                xobject, (width, height), matrix = _image_page(pdf, image, raw)
                 pdf_page = pdf.add_blank_page(page_size=(width, height))
                 name = pdf_page.add_resource(xobject, pikepdf.Name.XObject, pikepdf.Name("/Im0"))
                 pdf_page.contents_add(f"q {' '.join(f'{v:.6f}' for v in matrix)} cm {name} Do Q\n".encode("ascii"))
                 frame = frame_for((0.0, 0.0, width, height), page.rotation)
                 area = None
                 if _needs_ink(page):
-                    turned = shown.rotate(-(page.rotation % 360), expand=True) if page.rotation % 360 else shown
-                    area = _ink_area(turned, frame)
+                    area = _ink_area(_shown_small(image, page.rotation % 360), frame)
                 lines, placement = _place(page, frame, area)
                 placements.append(placement)
                 if lines:
