@@ -88,7 +88,7 @@ class _Frame:
     matrix: tuple[float, float, float, float, float, float]
 
 
-def frame_for(box: Sequence[float], rotation: int) -> _Frame:
+def _frame_for(box: Sequence[float], rotation: int) -> _Frame:
     """The frame of a page whose visible area is `box` (x0, y0, x1, y1 in user space) shown turned
     `rotation` degrees clockwise (its /Rotate plus any turn the engine's image had)."""
     x0, y0, x1, y1 = box
@@ -252,7 +252,7 @@ def _overlay_pdf(source: Path, pages: Sequence[PageText], output: Path | BinaryI
                 placements.append("existing")
                 continue
             rotation = pdf_page.rotation if pdf_page.rotation % 90 == 0 else 0  # as viewers treat a bad /Rotate
-            frame = frame_for(_visible_box(pdf_page), rotation + page.rotation)
+            frame = _frame_for(_visible_box(pdf_page), rotation + page.rotation)
             area = None
             if _needs_ink(page):
                 area = _ink_area(rendered.render(number, longest_side=INK_SIDE, rotation=page.rotation % 360), frame)
@@ -447,7 +447,7 @@ def _wrap_images(source: Path, pages: Sequence[PageText], output: Path | BinaryI
                 pdf_page = pdf.add_blank_page(page_size=(width, height))
                 name = pdf_page.add_resource(xobject, pikepdf.Name.XObject, pikepdf.Name("/Im0"))
                 pdf_page.contents_add(f"q {' '.join(f'{v:.6f}' for v in matrix)} cm {name} Do Q\n".encode("ascii"))
-                frame = frame_for((0.0, 0.0, width, height), page.rotation)
+                frame = _frame_for((0.0, 0.0, width, height), page.rotation)
                 area = None
                 if _needs_ink(page):
                     area = _ink_area(_shown_small(image, page.rotation % 360), frame)
