@@ -1,108 +1,169 @@
-"""Downloads of a scan's result: Markdown, plain text and JSON, pages always in order."""
+"""Downloads of a scan's result: Markdown, plain text, JSON and a searchable PDF, pages always in order.
+
+Every export takes a page's text from `page_text(page)`, the one place that decides what a page's
+text is (a person's correction, once pages have them, goes there).
+
+Page boundaries:
+- `.md`: each page starts with a line `<!-- page N -->` (an HTML comment: invisible when the Markdown
+  is rendered, kept by every Markdown tool), then a blank line and the page's Markdown. A page without
+  text says why in a second comment: `<!-- OCR failed: ... -->` or `<!-- not processed yet -->`; a
+  blank page has nothing after its marker. `split_markdown` reads the pages back.
+- `.txt`: the pages' plain text separated by a form feed (`\\f`), as OCRmyPDF's `--sidecar` and
+  Tesseract's text output do, one chunk per page even when a page is empty or failed, so
+  `text.split("\\f")[N - 1]` is always page N. (OCRmyPDF writes one `[OCR skipped on page(s) 1-2]`
+  for a run of pages, which shifts the count; here a page without text is the line
+  `[OCR failed on page N: reason]` or `[page N not processed yet]`, and a blank page is empty.)
+- `.json`: a list of pages with their status, warnings, engine, model, tokens and (where the engine
+  gave them) word boxes; the scan's options without secrets.
+"""
 
 from __future__ import annotations
 
-import html
+import io
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit, urlunsplit
 
+from scans.markup import markdown_to_text
 from scans.models import Page, Scan
-from scans.selectors import document_markdown, ordered_pages
+from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
+from scans.selectors import ordered_pages
 
-_FENCE = re.compile(r"^\s*(```|~~~)")
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
-_SETEXT_RULE = re.compile(r"^\s{0,3}(=+|-+)\s*$")
-_HR = re.compile(r"^\s{0,3}([-*_])(\s*\1){2,}\s*$")
-_QUOTE = re.compile(r"^\s{0,3}>\s?")
-_TABLE_SEPARATOR = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-_IMAGE = re.compile(r"!\[([^\]]*)\]\([^)]*\)")
-_LINK = re.compile(r"\[([^\]]+)\]\([^)]*\)")
-_CODE = re.compile(r"`([^`]+)`")
-_STRONG = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
-_EMPHASIS = re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])")
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
-_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
-_BR = re.compile(r"<br\s*/?>", re.I)
+PAGE_MARKER = "<!-- page {number} -->"
+PAGE_MARKER_LINE = re.compile(r"^<!-- page (\d+) -->[ \t\r]*$", re.MULTILINE)
+PAGE_SEPARATOR = "\f"
+# Engines whose output is plain text, not Markdown (the CPU engines); a page read from the PDF's own
+# text layer (`fallback`) is plain text too.
+PLAIN_TEXT_ENGINES = frozenset({"builtin", "tesseract", "rapidocr"})
+SECRET_OPTION = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.IGNORECASE)
+
+
+def page_text(page: Page) -> str:
+    """The text of a page as every export has it ("" for a page that is not done)."""
+    return page.text.strip() if page.status == Page.Status.DONE else ""
+
+
+def page_engine(page: Page, scan: Scan) -> str:
+    return getattr(page, "engine", "") or scan.engine
+
+
+def page_model(page: Page, scan: Scan) -> str:
+    return getattr(page, "model", "") or scan.model
+
+
+def page_is_markdown(page: Page, scan: Scan) -> bool:
+    """Whether the page's text is Markdown (a VLM's answer) or plain text (a CPU engine, a text layer)."""
+    return not page.fallback and page_engine(page, scan) not in PLAIN_TEXT_ENGINES
+
+
+def page_plain_text(page: Page, scan: Scan) -> str:
+    """The page's text without markup (Markdown parsed, not stripped with patterns: see scans.markup)."""
+    text = page_text(page)
+    return markdown_to_text(text).rstrip("\n") if page_is_markdown(page, scan) else text
+
+
+def _reason(page: Page) -> str:
+    return " ".join(page.error.split()) or "unknown error"
+
+
+# --- Markdown --------------------------------------------------------------------------------------
+
+
+def _comment(text: str) -> str:
+    return "<!-- " + text.replace("--", "- -") + " -->"
+
+
+def markdown_part(page: Page) -> str:
+    """One page's part of the `.md` export: its marker line, then its Markdown or why it has none."""
+    marker = PAGE_MARKER.format(number=page.number)
+    if page.status == Page.Status.FAILED:
+        return f"{marker}\n\n{_comment('OCR failed: ' + _reason(page))}"
+    if page.status != Page.Status.DONE:
+        return f"{marker}\n\n{_comment('not processed yet')}"
+    text = page_text(page)
+    return f"{marker}\n\n{text}" if text else marker
 
 
 def export_markdown(scan: Scan) -> str:
-    return document_markdown(scan)
+    return "\n\n".join(markdown_part(page) for page in ordered_pages(scan)) + "\n"
 
 
-def _inline(text: str) -> str:
-    text = _IMAGE.sub(r"\1", text)
-    text = _LINK.sub(r"\1", text)
-    text = _CODE.sub(r"\1", text)
-    text = _STRONG.sub(r"\2", text)
-    text = _EMPHASIS.sub(r"\2", text)
-    text = _STRIKE.sub(r"\1", text)
-    return text
+def split_markdown(document: str) -> dict[int, str]:
+    """The pages of an `.md` export: {page number: its Markdown, without the surrounding blank lines}."""
+    pages: dict[int, str] = {}
+    markers = list(PAGE_MARKER_LINE.finditer(document))
+    for marker, following in zip(markers, [*markers[1:], None]):
+        end = following.start() if following else len(document)
+        pages[int(marker.group(1))] = document[marker.end() : end].strip("\r\n")
+    return pages
 
 
-def markdown_to_text(markdown: str) -> str:
-    """Markdown to readable plain text: markup removed, structure (lines, paragraphs, table cells
-    separated by tabs, list markers) kept. LaTeX is left as written."""
-    markdown = _COMMENT.sub("", markdown)
-    markdown = _BR.sub("\n", markdown)
-    out: list[str] = []
-    in_fence = False
-    for line in markdown.splitlines():
-        if _FENCE.match(line):
-            in_fence = not in_fence
-            continue
-        if in_fence:
-            out.append(line)
-            continue
-        if _HR.match(line) or _SETEXT_RULE.match(line) or ("|" in line and _TABLE_SEPARATOR.match(line)):
-            continue  # rules, setext heading underlines, table header separators
-        heading = _HEADING.match(line)
-        if heading:
-            line = heading.group(1)
-        while _QUOTE.match(line):
-            line = _QUOTE.sub("", line, count=1)
-        stripped = line.strip()
-        if stripped.startswith("|") or (stripped.count("|") >= 2 and not stripped.startswith("$")):
-            cells = [cell.strip() for cell in stripped.strip("|").split("|")]
-            line = "\t".join(_inline(cell) for cell in cells)
-        else:
-            line = _inline(line)
-        line = _TAG.sub("", line)
-        out.append(html.unescape(line).rstrip())
-    text = "\n".join(out)
-    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+# --- plain text ------------------------------------------------------------------------------------
+
+
+def text_part(page: Page, scan: Scan) -> str:
+    """One page's chunk of the `.txt` export."""
+    if page.status == Page.Status.FAILED:
+        return f"[OCR failed on page {page.number}: {_reason(page)}]\n"
+    if page.status != Page.Status.DONE:
+        return f"[page {page.number} not processed yet]\n"
+    text = page_plain_text(page, scan).replace(PAGE_SEPARATOR, "\n")
     return text + "\n" if text else ""
 
 
 def export_text(scan: Scan) -> str:
-    parts = [markdown_to_text(page.text) for page in ordered_pages(scan) if page.status == Page.Status.DONE]
-    return "\n\n".join(part.strip() for part in parts if part.strip()) + "\n"
+    return PAGE_SEPARATOR.join(text_part(page, scan) for page in ordered_pages(scan))
+
+
+# --- JSON ------------------------------------------------------------------------------------------
 
 
 def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
+def public_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Scan options safe to hand out: no keys, tokens or passwords, and no credentials inside URLs."""
+    public = {}
+    for key, value in (options or {}).items():
+        if SECRET_OPTION.search(key):
+            continue
+        if isinstance(value, str) and "@" in value and "://" in value:
+            parts = urlsplit(value)
+            if parts.username or parts.password:
+                value = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+        public[key] = value
+    return public
+
+
+def page_json(page: Page, scan: Scan) -> dict[str, Any]:
+    """A page in the `.json` export. `warnings` ({"code", "message"} each) and `layout` (a PageLayout:
+    pixel boxes of the image the engine read) are empty where the engine gave none."""
+    return {
+        "number": page.number,
+        "status": page.status,
+        "text": page_text(page) if page.status == Page.Status.DONE else page.text,
+        "format": "markdown" if page_is_markdown(page, scan) else "text",
+        "engine": page_engine(page, scan),
+        "model": page_model(page, scan),
+        "fallback": page.fallback,
+        "attempts": page.attempts,
+        "input_tokens": page.input_tokens,
+        "output_tokens": page.output_tokens,
+        "latency_ms": page.latency_ms,
+        "finish_reason": page.finish_reason,
+        "error": page.error,
+        "warnings": list(getattr(page, "warnings", None) or []),
+        "layout": getattr(page, "layout", None) or None,
+        "metadata": page.metadata,
+    }
+
+
 def export_json(scan: Scan) -> dict[str, Any]:
-    options = {key: value for key, value in (scan.options or {}).items() if key != "api_key"}
-    pages = [
-        {
-            "number": page.number,
-            "status": page.status,
-            "text": page.text,
-            "fallback": page.fallback,
-            "attempts": page.attempts,
-            "input_tokens": page.input_tokens,
-            "output_tokens": page.output_tokens,
-            "latency_ms": page.latency_ms,
-            "finish_reason": page.finish_reason,
-            "error": page.error,
-            "metadata": page.metadata,
-        }
-        for page in ordered_pages(scan)
-    ]
+    pages = [page_json(page, scan) for page in ordered_pages(scan)]
     return {
         "scan": {
             "id": scan.pk,
@@ -114,13 +175,14 @@ def export_json(scan: Scan) -> dict[str, Any]:
             "content_type": scan.content_type,
             "sha256": scan.sha256,
             "has_text_layer": scan.has_text_layer,
-            "options": options,
+            "options": public_options(scan.options),
             "error": scan.error,
             "input_tokens": scan.input_tokens,
             "output_tokens": scan.output_tokens,
             "pages_done": sum(1 for page in pages if page["status"] == Page.Status.DONE),
             "pages_failed": sum(1 for page in pages if page["status"] == Page.Status.FAILED),
             "pages_fallback": sum(1 for page in pages if page["fallback"]),
+            "pages_with_warnings": sum(1 for page in pages if page["warnings"]),
             "created_at": _iso(scan.created_at),
             "started_at": _iso(scan.started_at),
             "finished_at": _iso(scan.finished_at),
@@ -129,11 +191,58 @@ def export_json(scan: Scan) -> dict[str, Any]:
     }
 
 
+# --- searchable PDF --------------------------------------------------------------------------------
+
+
+def layout_rotation(metadata: dict[str, Any]) -> int:
+    """Degrees clockwise between the page as shown and the image the engine's boxes refer to: the
+    olmOCR rotation correction the page was rendered with, plus the turn the built-in engine gave it."""
+    turns = 0
+    for key in ("rotation_applied", "rotation"):
+        try:
+            turns += int(metadata.get(key) or 0)
+        except (TypeError, ValueError):
+            continue
+    return turns % 360 if turns % 90 == 0 else 0
+
+
+def page_text_layer(page: Page, scan: Scan) -> PageText:
+    """What the searchable PDF lays over one page."""
+    return PageText(
+        text=page_plain_text(page, scan),
+        layout=getattr(page, "layout", None) or None,
+        rotation=layout_rotation(page.metadata or {}),
+    )
+
+
+def page_placement(page: Page, scan: Scan) -> Placement:
+    """How the searchable PDF will place the page's text ("words", "lines", "page" or "none"), for the
+    page view to say; a PDF page with a text layer of its own becomes "existing" when the PDF is made."""
+    return placement_of(page_text_layer(page, scan))
+
+
+def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:
+    """Write the scan's searchable PDF to `output`; returns each page's `Placement` (see
+    scans.searchable_pdf) so a caller can say how well the text is positioned. Blocking (run it off
+    the event loop); raises scans.searchable_pdf.SearchablePdfError, or OSError when the stored file
+    is gone."""
+    layers = [page_text_layer(page, scan) for page in ordered_pages(scan)]
+    return write_searchable_pdf(Path(scan.file.path), scan.content_type, layers, output)
+
+
+def export_pdf_bytes(scan: Scan) -> bytes:
+    """The searchable PDF in memory (for a download or `manage.py ocr`; see export_pdf)."""
+    buffer = io.BytesIO()
+    export_pdf(scan, buffer)
+    return buffer.getvalue()
+
+
 def _export_json_text(scan: Scan) -> str:
     return json.dumps(export_json(scan), ensure_ascii=False, indent=2) + "\n"
 
 
 # The downloadable formats: extension -> (Content-Type, exporter). Views and `manage.py ocr` use this.
+# The searchable PDF is `export_pdf`/`export_pdf_bytes`, for the phase that wires `download.pdf`.
 FORMATS: dict[str, tuple[str, Callable[[Scan], str | bytes]]] = {
     "md": ("text/markdown; charset=utf-8", export_markdown),
     "txt": ("text/plain; charset=utf-8", export_text),

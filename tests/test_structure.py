@@ -20,6 +20,8 @@ DEFERRED_IMPORTS = {
     ("scans.pipeline.builtin", "numpy"): "only needed with the CPU engine",
     ("api.apps", "api"): "AppConfig.ready: signal receivers and schema extensions import models, loaded after app configs",
     ("api.apps", "scans.signals"): "AppConfig.ready: scans.signals imports scans.models",
+    ("scans.text_layer", "fontTools.fontBuilder"): "about 120 ms to import, used once per process to build the PDF font",
+    ("scans.text_layer", "fontTools.pens.ttGlyphPen"): "about 120 ms to import, used once per process to build the PDF font",
 }
 
 

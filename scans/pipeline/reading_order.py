@@ -196,3 +196,12 @@ def reading_order_text(boxes: Sequence[TextBox]) -> str:
         if current:
             paragraphs.append(_join_lines(current))
     return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+
+
+def reading_order_lines(boxes: Sequence[TextBox]) -> list[list[TextBox]]:
+    """The boxes as lines in reading order (columns, then top to bottom), each line left to right."""
+    return [
+        [item.box for item in sorted(line.items, key=lambda i: i.x0)]
+        for block in _blocks(_items(boxes))
+        for line in _lines(block)
+    ]
