@@ -216,5 +216,6 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
         "httpx": {"level": "WARNING"},  # one line per health check otherwise
+        "pikepdf": {"level": "WARNING"},  # an INFO line when its C++ logger bridge starts
     },
 }

@@ -80,19 +80,3 @@ def scan_snapshot(scan: Scan) -> events.ScanSnapshotEvent:
 def list_snapshot(user) -> events.ScanListSnapshotEvent:
     items = [events.list_item(scan, counts, scan.owner.get_username()) for scan, counts in scans_with_counts(user)]
     return events.ScanListSnapshotEvent(type="scans.snapshot", scans=items)
-
-
-def page_markdown(page: Page) -> str:
-    """A page's part of the document: its text, or a visible note when it has none."""
-    if page.status == Page.Status.DONE:
-        return page.text.strip()
-    if page.status == Page.Status.FAILED:
-        reason = " ".join(page.error.split()) or "unknown error"
-        return f"<!-- page {page.number}: OCR failed: {reason.replace('--', '- -')} -->"
-    return f"<!-- page {page.number}: not processed yet -->"
-
-
-def document_markdown(scan: Scan) -> str:
-    """The document's Markdown: every page's text in page order, separated by a blank line."""
-    parts = [page_markdown(page) for page in ordered_pages(scan).only("number", "status", "text", "error")]
-    return "\n\n".join(part for part in parts if part) + "\n"

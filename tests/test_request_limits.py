@@ -29,14 +29,14 @@ def settings_of(tmp_path, monkeypatch, **environ: str) -> list:
 
 
 def test_the_environment_sets_the_limits(tmp_path, monkeypatch) -> None:
-    assert settings_of(tmp_path, monkeypatch) == [100, [("/scans/upload/", 201 * MB)], 10_000, 20_000]
+    assert settings_of(tmp_path, monkeypatch) == [100, [("/scans/upload/", 201 * MB), ("/api/v1/scans/", 201 * MB)], 10_000, 20_000]
     assert settings_of(
         tmp_path, monkeypatch, OCRSITE_MAX_UPLOAD_MB="5", OCRSITE_MAX_UPLOAD_FILES="3",
         OCRSITE_HEADER_TIMEOUT_MS="1500", OCRSITE_BODY_TIMEOUT_MS="4000",
-    ) == [3, [("/scans/upload/", 6 * MB)], 1500, 4000]
+    ) == [3, [("/scans/upload/", 6 * MB), ("/api/v1/scans/", 6 * MB)], 1500, 4000]
     # One upload request may carry more than one file's limit.
     limits = settings_of(tmp_path, monkeypatch, OCRSITE_MAX_UPLOAD_MB="5", OCRSITE_MAX_UPLOAD_REQUEST_MB="50")[1]
-    assert limits == [("/scans/upload/", 51 * MB)]
+    assert limits == [("/scans/upload/", 51 * MB), ("/api/v1/scans/", 51 * MB)]
 
 
 def test_a_header_timeout_granian_cannot_take_fails_fast(tmp_path, monkeypatch) -> None:

@@ -22,6 +22,7 @@ from api import delivery, targets, webhooks
 from api.models import Webhook, WebhookDelivery
 from scans import services
 from scans.models import Page, Scan
+from scans.pipeline.types import PageResult
 from tests.api.conftest import make_scan
 from tests.api.receiver import webhook_receiver
 from tests.support import REPO
@@ -51,12 +52,18 @@ def readme_verify_signature():
 
 
 def finish_processing(scan: Scan, *, failed_pages: tuple[int, ...] = ()) -> None:
-    """What the runner does: claim the scan, commit its pages, finish it (sending scan_finished)."""
-    assert services.claim_scan(scan_id=scan.pk, worker_id="w1")
-    for page in scan.pages.all():
-        status = Page.Status.FAILED if page.number in failed_pages else Page.Status.DONE
-        Page.objects.filter(pk=page.pk).update(status=status, text=f"page {page.number}")
-    services.finish_scan(scan_id=scan.pk, worker_id="w1")
+    """What the runner does: claim the pages, commit them; the last commit finishes the scan (sending
+    scan_finished)."""
+    services.heartbeat_worker(worker_id="w1")
+    claimed = services.claim_pages(worker_id="w1", slots=scan.page_count, scan_ids=[scan.pk])
+    assert len(claimed) == scan.page_count
+    services.commit_page_results(worker_id="w1", outcomes=[
+        services.PageOutcomeToCommit(scan.pk, claim.page.number, PageResult(
+            text=f"page {claim.page.number}",
+            status="failed" if claim.page.number in failed_pages else "done",
+        ))
+        for claim in claimed
+    ])
 
 
 def secret_of(user) -> str:

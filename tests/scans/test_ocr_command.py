@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from scans import exports
+
 from tests.fakes.pages import make_image, make_pdf
 from tests.scans.ocr_processes import query
 from tests.scans.pipeline.helpers import MODEL, fake_vllm
@@ -137,5 +139,6 @@ def test_a_page_that_never_fits_the_context_fails_alone_in_every_export(tmp_path
     for number in (1, 3):
         assert f"PAGE {number}\n" in markdown and f"PAGE {number}\n" in text
         assert pages[number - 1]["status"] == "done" and pages[number - 1]["text"].startswith(f"# PAGE {number}\n")
-    assert "PAGE 2" not in markdown + text and "page 2: OCR failed: The page does not fit" in markdown
+    assert "# PAGE 2" not in markdown and "<!-- OCR failed: The page does not fit" in exports.split_markdown(markdown)[2]
+    assert "PAGE 2" not in text.split("\f")[1] and "[OCR failed on page 2: The page does not fit" in text
     assert pages[1]["status"] == "failed" and 'Lower "Target longest side"' in pages[1]["error"]
