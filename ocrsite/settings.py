@@ -127,6 +127,9 @@ MEDIA_URL = "/media/"  # never served directly: files are streamed by views that
 
 OCRSITE_MAX_UPLOAD_MB = env_int("OCRSITE_MAX_UPLOAD_MB", 200, minimum=1)
 OCRSITE_MAX_PAGES = env_int("OCRSITE_MAX_PAGES", 2000, minimum=1)
+# Largest image (width x height) accepted and decoded: an A3 page scanned at 1200 dpi is 14031 x 19843
+# = 278 megapixels. Checked from the file's header, before any pixel is decoded (scans/imaging.py).
+OCRSITE_MAX_IMAGE_PIXELS = env_int("OCRSITE_MAX_IMAGE_PIXELS", 280_000_000, minimum=1)
 OCRSITE_EMBEDDED_RUNNER = env_bool("OCRSITE_EMBEDDED_RUNNER", True)
 # Uploads bigger than memory allows stream to a temporary file in the data directory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
