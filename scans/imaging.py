@@ -58,10 +58,12 @@ TIFF_FRAMES_PER_PAGE = 4
 PNG_STRIP_BYTES = 4 * 1024 * 1024
 # A whole-image decode bigger than this waits for any other such decode in the process to finish.
 LARGE_DECODE_BYTES = 64 * 1024 * 1024
-# Reduce by a whole factor (a box filter, cheap) to at most this many times the target, then resample with
-# Lanczos: Pillow's `reducing_gap`; 2 is what its documentation calls fair quality, and keeps a large PNG's
-# reduced canvas at most 4x the page's pixels.
-REDUCING_GAP = 2.0
+# Pillow's `reducing_gap` when resizing to the page: reduce by a whole factor (a box filter, cheap) to at
+# most this many times the target, then resample with Lanczos.
+REDUCING_GAP = 3.0
+# ... and for the PNG strips, reduced as they arrive: what Pillow's documentation calls fair quality; the
+# reduced canvas is then at most 4x the page's pixels.
+PNG_REDUCING_GAP = 2.0
 
 _large_decodes = threading.BoundedSemaphore(1)
 
@@ -102,17 +104,13 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
-def max_image_pixels() -> int:
-    return settings.OCRSITE_MAX_IMAGE_PIXELS
-
-
-def check_pixel_limit(width: int, height: int, *, what: str = "This image") -> None:
+def check_pixel_limit(width: int, height: int) -> None:
     """Raise UnreadableImage when width x height is over OCRSITE_MAX_IMAGE_PIXELS (from the header,
     before anything is decoded)."""
-    limit = max_image_pixels()
+    limit = settings.OCRSITE_MAX_IMAGE_PIXELS
     if width * height > limit:
         raise UnreadableImage(
-            f"{what} is {width} × {height} pixels ({width * height / 1e6:.0f} megapixels), more than the "
+            f"This image is {width} × {height} pixels ({width * height / 1e6:.0f} megapixels), more than the "
             f"{limit / 1e6:.0f} megapixel limit (OCRSITE_MAX_IMAGE_PIXELS={limit})."
         )
 
@@ -312,7 +310,7 @@ def target_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
 
 def _reduce_factor(width: int, height: int, longest_side: int) -> int:
     target_w, target_h = target_size(width, height, longest_side)
-    return max(1, min(int(width / target_w / REDUCING_GAP), int(height / target_h / REDUCING_GAP)))
+    return max(1, min(int(width / target_w / PNG_REDUCING_GAP), int(height / target_h / PNG_REDUCING_GAP)))
 
 
 def _resize(image: Image.Image, longest_side: int) -> Image.Image:
@@ -356,6 +354,7 @@ def _whiten_below(image: Image.Image, rows: int, height: int) -> Image.Image:
 
 
 _NOTHING_DECODED = "The image data is damaged; no part of it could be decoded."
+_ENDS_EARLY = PageWarning(code="decoded_partially", message="The image data ends early: the page was read as far as it goes.")
 # What Pillow raises for data it cannot parse (a damaged file), as opposed to a bug or no memory.
 _DAMAGED = (SyntaxError, OSError, ValueError, TypeError, IndexError, KeyError, struct.error, EOFError, Image.DecompressionBombError)
 
@@ -640,9 +639,12 @@ class ImageDocument:
                 return self._decode_whole(self._open_single(), longest_side)
             frame = self._tiff_frame(number)
             try:
-                self._tiff.seek(frame)
+                # Not seek(): it does nothing for the frame it is on, even when setting that frame up failed,
+                # and would then decode the previous frame's data. _seek always reads the frame's tags.
+                self._tiff._seek(frame)  # noqa: SLF001
             except _DAMAGED as exc:
-                raise UnreadableImage(f"This page's image cannot be decoded ({exc}).") from None
+                raise UnreadableImage(f"This page's image cannot be decoded ({type(exc).__name__}: {exc}).") from None
+            self._tiff.im = None  # never the previous frame's pixels
             try:
                 return self._decode_whole(self._tiff, longest_side)
             finally:
@@ -658,6 +660,8 @@ class ImageDocument:
         except _DAMAGED as exc:
             raise UnreadableImage(f"The image data is damaged and cannot be decoded ({exc}).") from None
         page = _resize(image, longest_side)
+        if page is image:
+            page = image.copy()  # a TIFF's frame buffer is dropped after the decode
         warnings: tuple[PageWarning, ...] = ()
         if rows is not None:
             page, warnings = _whiten_below(page, rows, image.height), (_partial(rows, image.height),)
@@ -689,10 +693,13 @@ class ImageDocument:
         height = source.height
         page, warnings = _resize(decoded, longest_side), ()
         if ended_early:
-            filled = self._jpeg_pixels(_FILLER + _EOI, longest_side)[0]
-            box = ImageChops.difference(decoded, filled).getbbox()
-            if box is not None and source.progressive:
-                warnings = (PageWarning(code="decoded_partially", message="The image data ends early: the page is decoded at reduced quality."),)
+            try:
+                filled = self._jpeg_pixels(_FILLER + _EOI, longest_side)[0]
+                box = ImageChops.difference(decoded, filled).getbbox()
+            except UnreadableImage:  # the filler upset the decoder: which rows are real is unknown
+                return DecodedPage(_upright(page, source.orientation), (_ENDS_EARLY,))
+            if box is not None and source.progressive:  # every row has some data, later scans are missing
+                warnings = (_ENDS_EARLY,)
             elif box is not None:
                 rows = box[1] * height // decoded.height
                 if rows == 0:

@@ -228,9 +228,18 @@ def pdf_page_text(path: Path, number: int) -> str:
 _CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
 
 
-def _render(document: Document, number: int, longest_side: int, image_format: str, rotation: int) -> PageImage:
+def render_page(
+    document: Document | None, path: Path, number: int, longest_side: int, image_format: str, rotation: int = 0
+) -> PageImage:
+    """Render page `number` (1-based) of an open document (`open_document`), or of the image at `path`
+    when `document` is None, so its longest side is `longest_side` px (`rotation` degrees clockwise), then
+    encode it. Raises ValueError for a page that cannot be rendered (UnreadableImage: a damaged image,
+    said for a person)."""
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"rotation must be 0, 90, 180 or 270, not {rotation}.")
+    if document is None:
+        with ImageDocument(Path(path)) as image_document:
+            return render_page(image_document, path, number, longest_side, image_format, rotation)
     if isinstance(document, PdfPages):
         return _encode(document.render(number, longest_side=longest_side, rotation=rotation), number, image_format, rotation)
     decoded = document.decode(number, longest_side=longest_side)
@@ -243,7 +252,7 @@ def render_page_sync(
 ) -> PageImage:
     """Render page `number` (1-based) so its longest side is `longest_side` px, then encode it."""
     with open_document(path, content_type) as document:
-        return _render(document, number, longest_side, image_format, rotation)
+        return render_page(document, path, number, longest_side, image_format, rotation)
 
 
 async def render_pages(
@@ -277,7 +286,7 @@ async def render_pages(
         def submit_next() -> None:
             number = next(queued, None)
             if number is not None:
-                pending.append((number, executor.submit(_render, document, number, longest_side, image_format, 0)))
+                pending.append((number, executor.submit(render_page, document, path, number, longest_side, image_format)))
 
         for _ in range(lookahead):
             submit_next()

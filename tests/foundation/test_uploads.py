@@ -12,9 +12,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from PIL import Image
 from pypdf import PdfWriter
 
-from scans.models import Page, Scan
+from scans.models import Scan
 from scans.uploads import UploadRejected, clean_filename, create_scan_from_path, create_scan_from_upload
-from tests.conftest import stored_files
+from tests.conftest import assert_nothing_stored, stored_files
 from tests.fakes.pages import make_image, make_pdf, make_tiff
 
 pytestmark = pytest.mark.django_db
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.django_db
 
 def upload(user, name: str, data: bytes) -> Scan:
     return create_scan_from_upload(owner=user, uploaded_file=SimpleUploadedFile(name, data))
-
-
-def assert_nothing_stored() -> None:
-    assert Scan.objects.count() == 0
-    assert Page.objects.count() == 0
-    assert stored_files(settings.MEDIA_ROOT) == []
-    assert stored_files(Path(settings.FILE_UPLOAD_TEMP_DIR)) == []
 
 
 def encrypted_pdf(tmp_path: Path) -> bytes:

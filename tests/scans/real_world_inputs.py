@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tests.fakes.pages import BAND_X, BAND_Y, CELLS, marker_bits, page_image
 

@@ -3,7 +3,6 @@ read fails alone; every upload is judged alone. The inputs are in tests/scans/re
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import struct
@@ -21,11 +20,11 @@ from PIL import Image, TiffImagePlugin
 from scans import exports, imaging
 from scans.imaging import ImageDocument, UnreadableImage, flatten
 from scans.models import Page, Scan
-from scans.pipeline.render import render_page_sync, render_pages
+from scans.pipeline.render import open_document, render_page, render_page_sync
 from scans.pipeline.runner import Runner
 from scans.pipeline.types import PageImage
 from scans.uploads import UploadRejected, create_scan_from_path
-from tests.conftest import stored_files
+from tests.conftest import assert_nothing_stored, stored_files
 from tests.fakes.pages import read_marker
 from tests.scans import real_world_inputs as inputs
 from tests.scans.pipeline.helpers import MODEL, start_fake_vllm, stop_fake_vllm
@@ -58,24 +57,14 @@ def heading(text: str) -> str:
     return text.split("\n", 1)[0].removeprefix("# ")
 
 
-def assert_nothing_stored() -> None:
-    assert Scan.objects.count() == 0
-    assert Page.objects.count() == 0
-    assert stored_files(settings.MEDIA_ROOT) == []
-    assert stored_files(Path(settings.FILE_UPLOAD_TEMP_DIR)) == []
-
-
 # --- every accepted input: the page count shown at upload is the pages rendered, each once, in order --
 
 
-def render_all(scan: Scan) -> list:
-    """Every page of `scan` through the runner's renderer (look-ahead, worker threads), in order."""
-
-    async def collect() -> list:
-        numbers = list(range(1, scan.page_count + 1))
-        return [page async for page in render_pages(Path(scan.file.path), scan.content_type, numbers, longest_side=1288, image_format="png")]
-
-    return asyncio.run(collect())
+def render_all(scan: Scan) -> list[PageImage]:
+    """Every page of `scan`, rendered from one open document as the runner does."""
+    path = Path(scan.file.path)
+    with open_document(path, scan.content_type) as document:
+        return [render_page(document, path, number, 1288, "png") for number in range(1, scan.page_count + 1)]
 
 
 @pytest.mark.django_db
@@ -89,7 +78,6 @@ def test_each_page_of_the_output_comes_from_one_page_the_viewer_shows_in_order(c
     assert list(scan.pages.order_by("number").values_list("number", flat=True)) == list(range(1, scan.page_count + 1))
     pages = render_all(scan)
     assert [page.number for page in pages] == list(range(1, scan.page_count + 1))
-    assert all(isinstance(page, PageImage) for page in pages), [getattr(page, "message", "") for page in pages]
     assert [read_marker(decoded(page)) for page in pages] == case.markers
     assert {page.number: [w["code"] for w in page.warnings] for page in pages if page.warnings} == case.page_warnings
     assert all(w["message"] for page in pages for w in page.warnings)
@@ -159,9 +147,21 @@ async def test_a_page_that_cannot_be_decoded_fails_alone_through_the_web_upload(
     pages = [page async for page in Page.objects.filter(scan=scan).order_by("number")]
     assert [page.status for page in pages] == ["done", "failed", "done"]
     assert [heading(page.text) for page in pages] == ["PAGE 1", "", "PAGE 3"]
-    assert "no part of it could be decoded" in pages[1].error
+    assert "This page's image cannot be decoded" in pages[1].error
     markdown = await sync_to_async(exports.export_markdown)(await Scan.objects.aget(pk=scan.pk))
     assert markdown.index("PAGE 1") < markdown.index("PAGE 3")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_thumbnail_of_a_page_that_cannot_be_decoded_is_404_not_500(client, user, tmp_path, settings) -> None:
+    settings.DATA_DIR = tmp_path / "data"
+    path = tmp_path / "broken.tif"
+    path.write_bytes(inputs.tiff_with_broken_page(tmp_path))
+    scan = create_scan_from_path(owner=user, path=path)
+    client.force_login(user)
+    assert client.get(f"/scans/{scan.pk}/pages/1/thumb.png").status_code == 200
+    assert client.get(f"/scans/{scan.pk}/pages/2/thumb.png").status_code == 404
+    assert client.get(f"/scans/{scan.pk}/pages/3/thumb.png").status_code == 200
 
 
 @pytest.mark.django_db
@@ -300,6 +300,23 @@ def test_a_tiff_of_40000_thumbnails_is_refused_without_walking_them_all(user, tm
     with pytest.raises(UploadRejected, match=r"more than 404 images; a file may have at most 100 pages \(OCRSITE_MAX_PAGES=100\)"):
         create_scan_from_path(owner=user, path=path)
     assert max(frames_read) < 404
+    assert_nothing_stored()
+
+
+@pytest.mark.django_db
+def test_a_pdf_of_40000_pages_is_refused_after_counting_to_the_page_limit(user, tmp_path, monkeypatch) -> None:
+    looked_up: list[int] = []
+    original = pdfium.PdfDocument.get_page_size
+    monkeypatch.setattr(pdfium.PdfDocument, "get_page_size", lambda self, index: (looked_up.append(index), original(self, index))[1])
+    objects: dict[int, str | bytes] = {1: "<< /Type /Catalog /Pages 2 0 R >>", 3: inputs.stream("")}
+    kids = range(10, 40_010)
+    objects[2] = f"<< /Type /Pages /Kids [{' '.join(f'{kid} 0 R' for kid in kids)}] /Count 40000 >>"
+    objects.update({kid: "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 10 10] /Contents 3 0 R >>" for kid in kids})
+    path = tmp_path / "pages.pdf"
+    path.write_bytes(inputs.pdf(objects))
+    with pytest.raises(UploadRejected, match=r"more than 2000 pages; the limit is 2000 \(OCRSITE_MAX_PAGES\)"):
+        create_scan_from_path(owner=user, path=path)
+    assert len(looked_up) == 2001
     assert_nothing_stored()
 
 

@@ -151,14 +151,14 @@ async def test_render_pages_in_order(tmp_path: Path) -> None:
 async def test_render_pages_lookahead_is_bounded(tmp_path: Path, monkeypatch, lookahead: int) -> None:
     path = make_pdf(tmp_path / "d.pdf", 20, dpi=30)
     rendered: list[int] = []
-    original = render._render
+    original = render.render_page
 
     def counting(*args):
         page = original(*args)
         rendered.append(page.number)
         return page
 
-    monkeypatch.setattr(render, "_render", counting)
+    monkeypatch.setattr(render, "render_page", counting)
     consumed = 0
     pages = render_pages(path, PDF, range(1, 21), longest_side=300, image_format="png", lookahead=lookahead)
     async for page in pages:
