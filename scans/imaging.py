@@ -199,7 +199,7 @@ def _jpeg_pieces(handle: BinaryIO, size: int, *, keep_exif: bool) -> list[bytes 
         if length < 2:
             break
         keep = True
-        if 0xE1 <= marker <= 0xEF and marker != 0xEE or marker == 0xFE:
+        if (0xE1 <= marker <= 0xEF and marker != 0xEE) or marker == 0xFE:
             keep = marker == 0xE1 and keep_exif and handle.read(6) == b"Exif\x00\x00"
         if keep:
             pieces.append((pos, 2 + length))
