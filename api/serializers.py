@@ -9,6 +9,7 @@ from rest_framework import serializers
 
 from api import targets, webhooks
 from scans.models import Scan
+from scans.uploads import SUPPORTED
 from vllm_control.models import PromptPreset
 
 # The per-scan choices `manage.py ocr` offers: a custom prompt is a setting, not a per-scan option.
@@ -23,7 +24,7 @@ class UploadSerializer(serializers.Serializer):
 
     files = serializers.ListField(
         child=serializers.FileField(allow_empty_file=True), min_length=1,
-        help_text="One or more PDF, PNG, JPEG, TIFF or WebP files (repeat the field); each is judged by its content alone.",
+        help_text=f"One or more {SUPPORTED} files (repeat the field); each is judged by its content alone.",
     )
     prompt = serializers.ChoiceField(choices=PROMPTS, required=False, help_text="Prompt preset (default: the settings').")
     engine = serializers.ChoiceField(

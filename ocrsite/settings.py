@@ -135,6 +135,9 @@ OCRSITE_MAX_UPLOAD_MB = env_int("OCRSITE_MAX_UPLOAD_MB", 200, minimum=1)
 OCRSITE_MAX_UPLOAD_REQUEST_MB = env_int("OCRSITE_MAX_UPLOAD_REQUEST_MB", OCRSITE_MAX_UPLOAD_MB, minimum=1)
 OCRSITE_MAX_UPLOAD_FILES = env_int("OCRSITE_MAX_UPLOAD_FILES", 100, minimum=1)
 OCRSITE_MAX_PAGES = env_int("OCRSITE_MAX_PAGES", 2000, minimum=1)
+# Largest image (width x height) accepted and decoded: an A3 page scanned at 1200 dpi is 14031 x 19843
+# = 278 megapixels. Checked from the file's header, before any pixel is decoded (scans/imaging.py).
+OCRSITE_MAX_IMAGE_PIXELS = env_int("OCRSITE_MAX_IMAGE_PIXELS", 280_000_000, minimum=1)
 OCRSITE_EMBEDDED_RUNNER = env_bool("OCRSITE_EMBEDDED_RUNNER", True)
 # Bearer token for /metrics (and `ocr_worker --metrics-port`); unset: loopback clients only, no proxy.
 OCRSITE_METRICS_TOKEN = env_str("OCRSITE_METRICS_TOKEN")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import uuid
-import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pypdfium2 as pdfium
@@ -18,15 +18,19 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
-from PIL import Image, UnidentifiedImageError
 from pypdf import PdfReader
 
-from scans import services
+from scans import imaging, services
 from scans.models import Scan
-from scans.pipeline.render import pdfium_lock
+from scans.pipeline.render import PdfPages
+from scans.pipeline.types import ScanWarning
 
-MAX_IMAGE_PIXELS = 16_000 * 16_000  # larger is treated as a decompression bomb
+logger = logging.getLogger(__name__)
+
 CHUNK = 1024 * 1024
+# Upload validation decodes an image's first readable page with the function rendering uses, at this
+# size: small, so a JPEG decodes at 1/8 scale.
+CHECK_LONGEST_SIDE = 256
 
 
 class UploadRejected(Exception):
@@ -44,7 +48,9 @@ PNG = FileKind("image/png", ".png")
 JPEG = FileKind("image/jpeg", ".jpg")
 TIFF = FileKind("image/tiff", ".tif")
 WEBP = FileKind("image/webp", ".webp")
-SUPPORTED = "PDF, PNG, JPEG, TIFF or WebP"
+GIF = FileKind("image/gif", ".gif")
+SUPPORTED = "PDF, PNG, JPEG, TIFF, WebP or GIF"
+_IMAGE_KINDS = {imaging.PNG: PNG, imaging.JPEG: JPEG, imaging.TIFF: TIFF, imaging.WEBP: WEBP, imaging.GIF: GIF}
 
 
 @dataclass(frozen=True)
@@ -52,36 +58,38 @@ class Inspection:
     kind: FileKind
     page_count: int
     has_text_layer: bool
+    warnings: list[ScanWarning] = field(default_factory=list)  # about the whole file, kept on the scan
 
 
 def sniff(head: bytes) -> FileKind | None:
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return PNG
-    if head.startswith(b"\xff\xd8\xff"):
-        return JPEG
-    if head.startswith((b"II*\x00", b"MM\x00*")):
-        return TIFF
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return WEBP
+    image = imaging.sniff_image(head)
+    if image is not None:
+        return _IMAGE_KINDS[image]
     if b"%PDF-" in head[:1024]:  # the header may follow a few bytes of junk
         return PDF
     return None
 
 
+def _too_many_pages() -> UploadRejected:
+    limit = settings.OCRSITE_MAX_PAGES
+    return UploadRejected(f"This file has more than {limit} pages; the limit is {limit} (OCRSITE_MAX_PAGES).")
+
+
 def _inspect_pdf(path: Path) -> Inspection:
-    with pdfium_lock():
-        try:
-            document = pdfium.PdfDocument(str(path))
-        except pdfium.PdfiumError:
-            raise UploadRejected(_why_pdf_unreadable(path)) from None
-        try:
-            count = len(document)
-            text = count > 0 and _pdf_has_text(document)
-        finally:
-            document.close()
-    if count == 0:
-        raise UploadRejected("This PDF has no pages.")
-    return Inspection(PDF, count, text)
+    """Pages are the ones that load (render.PdfPages): the count shown is the count rendered."""
+    try:
+        pages = PdfPages(path)
+    except pdfium.PdfiumError:
+        raise UploadRejected(_why_pdf_unreadable(path)) from None
+    with pages:
+        count = pages.page_count(limit=settings.OCRSITE_MAX_PAGES)
+        if count > settings.OCRSITE_MAX_PAGES:
+            raise _too_many_pages()
+        if count == 0:
+            if pages.claimed:
+                raise UploadRejected(f"None of this PDF's {pages.claimed} pages can be loaded; it is damaged.")
+            raise UploadRejected("This PDF has no pages.")
+        return Inspection(PDF, count, pages.has_text(), list(pages.warnings))
 
 
 def _why_pdf_unreadable(path: Path) -> str:
@@ -97,39 +105,24 @@ def _why_pdf_unreadable(path: Path) -> str:
     return "This PDF is damaged and cannot be read."
 
 
-def _pdf_has_text(document: pdfium.PdfDocument, pages_to_check: int = 3) -> bool:
-    for index in range(min(len(document), pages_to_check)):
-        page = document[index]
-        textpage = page.get_textpage()
-        try:
-            if textpage.count_chars() > 0:
-                return True
-        finally:
-            textpage.close()
-            page.close()
-    return False
-
-
 def _inspect_image(path: Path, kind: FileKind) -> Inspection:
+    """Accepted when at least one page decodes, with the decoder rendering uses: what is accepted here
+    renders later (a page that does not fails alone)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise UploadRejected(
-                        f"This image is {width} × {height} pixels, larger than the {MAX_IMAGE_PIXELS // 1_000_000} "
-                        "megapixel limit (it could be a decompression bomb)."
-                    )
-                frames = getattr(image, "n_frames", 1)
-                image.verify()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadRejected("This image is too large to decode safely (possible decompression bomb).") from None
-    except UploadRejected:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise UploadRejected("This image is damaged and cannot be read.") from None
-    return Inspection(kind, frames, False)
+        with imaging.ImageDocument(path) as document:
+            count = document.page_count(limit=settings.OCRSITE_MAX_PAGES)
+            if count > settings.OCRSITE_MAX_PAGES:
+                raise _too_many_pages()
+            first_error: imaging.UnreadableImage | None = None
+            for number in range(1, count + 1):
+                try:
+                    document.decode(number, longest_side=CHECK_LONGEST_SIDE, probe=True)
+                    return Inspection(kind, count, False, list(document.warnings))
+                except imaging.UnreadableImage as exc:
+                    first_error = first_error or exc
+            raise UploadRejected(str(first_error))
+    except imaging.UnreadableImage as exc:
+        raise UploadRejected(str(exc)) from None
 
 
 def inspect_file(path: Path) -> Inspection:
@@ -144,12 +137,7 @@ def inspect_file(path: Path) -> Inspection:
         kind = sniff(handle.read(1024))
     if kind is None:
         raise UploadRejected(f"This is not a supported file type (judged by its content); upload a {SUPPORTED}.")
-    inspection = _inspect_pdf(path) if kind is PDF else _inspect_image(path, kind)
-    if inspection.page_count > settings.OCRSITE_MAX_PAGES:
-        raise UploadRejected(
-            f"This file has {inspection.page_count} pages; the limit is {settings.OCRSITE_MAX_PAGES}."
-        )
-    return inspection
+    return _inspect_pdf(path) if kind is PDF else _inspect_image(path, kind)
 
 
 def clean_filename(name: str) -> str:
@@ -222,6 +210,7 @@ def _store(
                 sha256=sha256,
                 page_count=inspection.page_count,
                 has_text_layer=inspection.has_text_layer,
+                warnings=inspection.warnings,
                 options=options or {},
                 priority=priority,
             )
@@ -253,3 +242,25 @@ def create_scan_from_path(*, owner: AbstractBaseUser, path: Path, options: dict 
     with handle:
         spooled, sha256, size = _spool(iter(lambda: handle.read(CHUNK), b""))
     return _store(owner=owner, spooled=spooled, sha256=sha256, size=size, original_name=path.name, options=options)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One file of a multi-file upload: the scan it became, or why not (`error`, meant for a person)."""
+
+    name: str
+    scan: Scan | None = None
+    error: str = ""
+
+
+def judge(name: str, create: Callable[[], Scan]) -> Judged:
+    """Run `create` (storing one file) so that its failure is its own: a rejection keeps its message; any
+    other exception is logged with its traceback and becomes this file's error. Either way nothing of the
+    file is kept (no row, no stored file) and the caller goes on with the next one."""
+    try:
+        return Judged(name, scan=create())
+    except UploadRejected as exc:
+        return Judged(name, error=str(exc))
+    except Exception:
+        logger.exception("Storing the uploaded file %r failed", name)
+        return Judged(name, error="It could not be stored because of an internal error (logged); nothing was kept.")

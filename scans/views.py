@@ -14,9 +14,9 @@ from django.views.decorators.http import require_POST
 from scans import exports, selectors, services, thumbnails
 from scans.access import get_visible_scan, visible_scans
 from scans.models import Page, Scan
-from scans.uploads import SUPPORTED, UploadRejected, create_scan_from_upload
+from scans.uploads import SUPPORTED, create_scan_from_upload, judge
 
-ACCEPT = "application/pdf,image/png,image/jpeg,image/tiff,image/webp,.pdf,.png,.jpg,.jpeg,.tif,.tiff,.webp"
+ACCEPT = "application/pdf,image/png,image/jpeg,image/tiff,image/webp,image/gif,.pdf,.png,.jpg,.jpeg,.tif,.tiff,.webp,.gif"
 
 
 @login_required
@@ -27,19 +27,23 @@ def scan_list(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def upload(request: HttpRequest) -> HttpResponse:
+    """Each file is judged alone: it gets its own accepted/rejected message, and one file's failure (even
+    an unexpected one, logged with its traceback) never costs the others."""
     if request.method == "POST":
         files = request.FILES.getlist("files")
         if not files:
             messages.error(request, "Choose at least one file to upload.")
         created = []
         for uploaded in files:
-            try:
-                created.append(create_scan_from_upload(owner=request.user, uploaded_file=uploaded))
-            except UploadRejected as exc:
-                messages.error(request, f"{uploaded.name}: {exc}")
-        if created:
-            names = ", ".join(f"{scan.original_filename} ({scan.page_count} pages)" for scan in created)
-            messages.success(request, f"Queued {names}.")
+            judged = judge(uploaded.name, lambda: create_scan_from_upload(owner=request.user, uploaded_file=uploaded))
+            if judged.scan is None:
+                messages.error(request, f"{uploaded.name}: {judged.error}")
+                continue
+            scan = judged.scan
+            created.append(scan)
+            notes = "".join(f" {warning['message']}" for warning in scan.warnings)
+            pages = f"{scan.page_count} page{'' if scan.page_count == 1 else 's'}"
+            messages.success(request, f"Queued {scan.original_filename} ({pages}).{notes}")
         if created and len(created) == len(files):
             return redirect("scans:detail", scan_id=created[0].pk) if len(created) == 1 else redirect("scans:list")
     limits = {"max_files": settings.OCRSITE_MAX_UPLOAD_FILES, "max_request_mb": settings.OCRSITE_MAX_UPLOAD_REQUEST_MB}

@@ -42,3 +42,15 @@ def staff_client(client, staff_user):
 
 def stored_files(media_root: Path) -> list[Path]:
     return [p for p in Path(media_root).rglob("*") if p.is_file()]
+
+
+def assert_nothing_stored() -> None:
+    """A rejected upload left no scan or page row and no file (stored or temporary)."""
+    from django.conf import settings
+
+    from scans.models import Page, Scan
+
+    assert Scan.objects.count() == 0
+    assert Page.objects.count() == 0
+    assert stored_files(settings.MEDIA_ROOT) == []
+    assert stored_files(Path(settings.FILE_UPLOAD_TEMP_DIR)) == []

@@ -92,7 +92,7 @@ def test_moving_into_media_on_a_full_disk_keeps_no_partial_copy_and_not_the_othe
     files = [SimpleUploadedFile("big.pdf", big.read_bytes()), SimpleUploadedFile("small.pdf", small.read_bytes())]
     response = alice_client.post("/scans/upload/", {"files": files})
     assert response.status_code == 200
-    assert upload_page_messages(response) == [f"big.pdf: {DISK_FULL}", "Queued small.pdf (1 pages)."]
+    assert upload_page_messages(response) == [f"big.pdf: {DISK_FULL}", "Queued small.pdf (1 page)."]
     assert_nothing_kept(settings, except_names=("small.pdf",))
 
 

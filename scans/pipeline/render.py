@@ -1,4 +1,4 @@
-"""Page rendering: PDFs through pypdfium2, images through Pillow, encoded for the model.
+"""Page rendering: PDFs through pypdfium2, images through scans.imaging (Pillow), encoded for the model.
 
 PDFium is not thread-safe, so every pypdfium2 call in the process (here, in upload validation, in
 thumbnails) goes through `pdfium_lock()`. Documents are closed explicitly under the lock: leaving them
@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pypdfium2 as pdfium
-from PIL import Image, ImageChops, ImageOps
+from PIL import Image, ImageChops
 
-from scans.pipeline.types import PageImage
+from scans.imaging import ImageDocument
+from scans.pipeline.types import PageImage, PageWarning, ScanWarning
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,24 @@ def is_pdf(content_type: str) -> bool:
     return content_type == PDF_CONTENT_TYPE
 
 
-def _target_size(width: int, height: int, longest_side: int) -> tuple[int, int]:
-    if width >= height:
-        return longest_side, max(1, round(height * longest_side / width))
-    return max(1, round(width * longest_side / height)), longest_side
+def encode_page(
+    image: Image.Image, number: int, image_format: str, rotation: int, warnings: tuple[PageWarning, ...] = ()
+) -> PageImage:
+    """A rendered page as the PNG or JPEG sent to the model (grey pages as one channel)."""
+    image = _neutral_to_gray(image)
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        mime = "image/jpeg"
+    elif image_format == "png":
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        mime = "image/png"
+    else:
+        raise ValueError(f"Unknown image format {image_format!r} (expected 'png' or 'jpeg').")
+    return PageImage(
+        number=number, data=buffer.getvalue(), mime=mime, width=image.width, height=image.height,
+        rotation=rotation, warnings=warnings,
+    )
 
 
 def _neutral_to_gray(image: Image.Image) -> Image.Image:
@@ -63,60 +78,68 @@ def _neutral_to_gray(image: Image.Image) -> Image.Image:
     return image
 
 
-def encode_page(image: Image.Image, number: int, image_format: str, rotation: int) -> PageImage:
-    """A rendered page as the PNG or JPEG sent to the model (grey pages as one channel)."""
-    image = _neutral_to_gray(image)
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        mime = "image/jpeg"
-    elif image_format == "png":
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        mime = "image/png"
-    else:
-        raise ValueError(f"Unknown image format {image_format!r} (expected 'png' or 'jpeg').")
-    return PageImage(
-        number=number, data=buffer.getvalue(), mime=mime, width=image.width, height=image.height, rotation=rotation
-    )
-
-
-def _flatten(image: Image.Image) -> Image.Image:
-    """RGB on a white background, whatever the mode (RGBA, LA, P with transparency, CMYK, 16-bit ...)."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v / 256).convert("L")  # 16-bit grey to 8-bit
-    if image.mode == "1":
-        return image.convert("L")  # bilevel scans: grey, so resizing can anti-alias
-    return image.convert("RGB") if image.mode not in ("RGB", "L") else image
-
-
 class PdfPages:
-    """One open PDF, rendered page by page. Use from one thread at a time; PDFium calls take the lock."""
+    """One open PDF, rendered page by page as a PDF viewer shows it: filled-in form fields and
+    annotations with appearance streams included. Use from one thread at a time; PDFium calls take the lock.
+
+    Its pages are the ones PDFium can load, in page-tree order: a tree that lists more pages than it
+    holds (or entries that are not pages) gives fewer pages, and `warnings` says so."""
 
     def __init__(self, path: Path) -> None:
         with pdfium_lock():
             self._pdf = pdfium.PdfDocument(str(path))
+            try:
+                # Before any page is loaded (pypdfium2's rule): without a form environment PDFium draws
+                # no form field whose appearance the filling program left to the viewer.
+                self._pdf.init_forms()
+                self.claimed = len(self._pdf)  # what the page tree says
+            except BaseException:
+                self._pdf.close()
+                raise
+        self._indices: list[int] = []  # the PDFium index of each page that loads
+        self._checked = 0
+        self.warnings: list[ScanWarning] = []
+
+    def page_count(self, limit: int | None = None) -> int:
+        """How many pages load; with `limit`, counting stops once it is passed (the result is then
+        limit + 1)."""
+        with pdfium_lock():
+            while self._checked < self.claimed and (limit is None or len(self._indices) <= limit):
+                try:
+                    self._pdf.get_page_size(self._checked)  # finds the page object without parsing it
+                    self._indices.append(self._checked)
+                except pdfium.PdfiumError:
+                    pass
+                self._checked += 1
+        found = len(self._indices)
+        if self._checked == self.claimed and found < self.claimed and not self.warnings:
+            self.warnings.append(ScanWarning(
+                code="missing_pages",
+                message=f"The PDF's page tree lists {self.claimed} pages, but only {found} can be loaded; those are read.",
+            ))
+        return found
 
     def __len__(self) -> int:
-        with pdfium_lock():
-            return len(self._pdf)
+        return self.page_count()
+
+    def _load(self, number: int) -> pdfium.PdfPage:
+        if number < 1 or self.page_count(limit=number - 1) < number:
+            raise ValueError(f"The document has no page {number}.")
+        try:
+            return self._pdf[self._indices[number - 1]]
+        except pdfium.PdfiumError as exc:  # found in the page tree, but PDFium cannot load it
+            raise ValueError(f"Page {number} cannot be loaded ({exc}).") from None
 
     def render(self, number: int, *, longest_side: int, rotation: int = 0) -> Image.Image:
         with pdfium_lock():
-            page = self._pdf[number - 1]
+            page = self._load(number)
             try:
                 width, height = page.get_size()
                 # pypdfium2 sizes the bitmap as ceil(points * scale); keep just under the target so the
                 # longest side lands exactly on it. The page is rasterized at the target size directly,
                 # so a 200-inch page costs the same as a letter page.
                 scale = (longest_side - 1e-6) / max(width, height, 1e-6)
-                bitmap = page.render(scale=scale, rotation=rotation)
+                bitmap = page.render(scale=scale, rotation=rotation, may_draw_forms=True, draw_annots=True)
                 try:
                     image = bitmap.to_pil()
                     if image.mode not in ("RGB", "L"):
@@ -131,7 +154,7 @@ class PdfPages:
 
     def text(self, number: int) -> str:
         with pdfium_lock():
-            page = self._pdf[number - 1]
+            page = self._load(number)
             try:
                 textpage = page.get_textpage()
                 try:
@@ -143,7 +166,7 @@ class PdfPages:
 
     def count_chars(self, number: int) -> int:
         with pdfium_lock():
-            page = self._pdf[number - 1]
+            page = self._load(number)
             try:
                 textpage = page.get_textpage()
                 try:
@@ -152,6 +175,16 @@ class PdfPages:
                     textpage.close()
             finally:
                 page.close()
+
+    def has_text(self, pages_checked: int = TEXT_LAYER_PAGES_CHECKED) -> bool:
+        """Whether any of the first pages has extractable text (a page that cannot be loaded has none)."""
+        for number in range(1, min(self.page_count(limit=pages_checked), pages_checked) + 1):
+            try:
+                if self.count_chars(number) > 0:
+                    return True
+            except (ValueError, pdfium.PdfiumError):
+                continue
+        return False
 
     def close(self) -> None:
         with pdfium_lock():
@@ -164,30 +197,18 @@ class PdfPages:
         self.close()
 
 
-def _render_image(path: Path, number: int, longest_side: int, rotation: int) -> Image.Image:
-    with Image.open(path) as source:
-        if number < 1 or number > getattr(source, "n_frames", 1):
-            raise ValueError(f"{path.name} has no page {number}.")
-        if number > 1:
-            source.seek(number - 1)
-        # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft never goes below the requested size.
-        source.draft(None, (longest_side, longest_side))
-        image = ImageOps.exif_transpose(source)
-        image = _flatten(image)
-    if rotation:
-        image = image.rotate(-rotation, expand=True)  # PIL rotates counter-clockwise
-    size = _target_size(image.width, image.height, longest_side)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return image
+Document = PdfPages | ImageDocument
+
+
+def open_document(path: Path, content_type: str) -> Document:
+    """The pages of a stored file. Raises pdfium.PdfiumError, UnreadableImage or OSError when it cannot
+    be opened at all."""
+    return PdfPages(Path(path)) if is_pdf(content_type) else ImageDocument(Path(path))
 
 
 def page_count(path: Path, content_type: str) -> int:
-    if is_pdf(content_type):
-        with PdfPages(path) as pdf:
-            return len(pdf)
-    with Image.open(path) as image:
-        return getattr(image, "n_frames", 1)
+    with open_document(path, content_type) as document:
+        return document.page_count()
 
 
 def has_text_layer(path: Path, content_type: str) -> bool:
@@ -195,7 +216,7 @@ def has_text_layer(path: Path, content_type: str) -> bool:
     if not is_pdf(content_type):
         return False
     with PdfPages(path) as pdf:
-        return any(pdf.count_chars(n) > 0 for n in range(1, min(len(pdf), TEXT_LAYER_PAGES_CHECKED) + 1))
+        return pdf.has_text()
 
 
 def pdf_page_text(path: Path, number: int) -> str:
@@ -204,23 +225,31 @@ def pdf_page_text(path: Path, number: int) -> str:
         return pdf.text(number).strip()
 
 
-def render_page(pdf: PdfPages | None, path: Path, number: int, longest_side: int, image_format: str, rotation: int = 0) -> PageImage:
-    """Render page `number` (1-based) of an open PDF, or of the image at `path` when `pdf` is None."""
+_CLOCKWISE = {90: Image.Transpose.ROTATE_270, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_90}
+
+
+def render_page(
+    document: Document | None, path: Path, number: int, longest_side: int, image_format: str, rotation: int = 0
+) -> PageImage:
+    """Render page `number` (1-based) of an open document (`open_document`), or of the image at `path`
+    when `document` is None, so its longest side is `longest_side` px (`rotation` degrees clockwise), then
+    encode it. Raises ValueError for a page that cannot be rendered (UnreadableImage: a damaged image,
+    said for a person)."""
     if rotation not in (0, 90, 180, 270):
         raise ValueError(f"rotation must be 0, 90, 180 or 270, not {rotation}.")
-    if pdf is not None:
-        image = pdf.render(number, longest_side=longest_side, rotation=rotation)
-    else:
-        image = _render_image(path, number, longest_side, rotation)
-    return encode_page(image, number, image_format, rotation)
+    if document is None:
+        with ImageDocument(Path(path)) as image_document:
+            return render_page(image_document, path, number, longest_side, image_format, rotation)
+    if isinstance(document, PdfPages):
+        return encode_page(document.render(number, longest_side=longest_side, rotation=rotation), number, image_format, rotation)
+    decoded = document.decode(number, longest_side=longest_side)
+    image = decoded.image.transpose(_CLOCKWISE[rotation]) if rotation else decoded.image
+    return encode_page(image, number, image_format, rotation, decoded.warnings)
 
 
 def render_page_sync(
     path: Path, content_type: str, number: int, *, longest_side: int, image_format: str, rotation: int = 0
 ) -> PageImage:
     """Render page `number` (1-based) so its longest side is `longest_side` px, then encode it."""
-    path = Path(path)
-    if is_pdf(content_type):
-        with PdfPages(path) as pdf:
-            return render_page(pdf, path, number, longest_side, image_format, rotation)
-    return render_page(None, path, number, longest_side, image_format, rotation)
+    with open_document(path, content_type) as document:
+        return render_page(document, path, number, longest_side, image_format, rotation)

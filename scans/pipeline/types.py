@@ -41,6 +41,17 @@ class PageWarning(TypedDict):
     message: str
 
 
+ScanWarningCode = Literal["first_frame_only", "missing_pages"]
+
+
+class ScanWarning(TypedDict):
+    """Something about the whole file a person should know (stored in Scan.warnings), e.g. an animation
+    of which only the first frame is read, or a page tree that lists more pages than load."""
+
+    code: ScanWarningCode
+    message: str
+
+
 BBox = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the page image, origin top-left
 
 

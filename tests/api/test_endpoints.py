@@ -7,6 +7,7 @@ import json
 import pytest
 
 from scans import exports
+from scans.uploads import SUPPORTED
 from django.conf import settings
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
@@ -76,7 +77,7 @@ def test_each_file_is_judged_alone_and_the_rejected_one_leaves_nothing(caller, p
     body = response.json()
     assert [item["filename"] for item in body["scans"]] == ["ok.pdf"]
     assert body["errors"] == [
-        {"index": 0, "filename": "notes.pdf", "message": "This is not a supported file type (judged by its content); upload a PDF, PNG, JPEG, TIFF or WebP."}
+        {"index": 0, "filename": "notes.pdf", "message": f"This is not a supported file type (judged by its content); upload a {SUPPORTED}."}
     ]
     assert Scan.objects.count() == 1
     assert len(stored_files(settings.MEDIA_ROOT)) == 1

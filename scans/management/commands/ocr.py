@@ -20,7 +20,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from ocrsite.database import ensure_migrated
 from scans import batch, exports, services
 from scans.models import Scan
-from scans.uploads import UploadRejected, create_scan_from_path
+from scans.uploads import create_scan_from_path, judge
 from vllm_control.config import normalize_base_url
 
 
@@ -39,7 +39,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("files", nargs="*", metavar="FILE", help="PDF, PNG, JPEG, TIFF or WebP files")
+        parser.add_argument("files", nargs="*", metavar="FILE", help="PDF, PNG, JPEG, TIFF, WebP or GIF files")
         parser.add_argument("--out", default=".", help="directory for the output files (default: current directory)")
         parser.add_argument("--format", choices=tuple(exports.FORMATS), default="md", help="output format (default: md)")
         parser.add_argument("--base-url", help="OpenAI-compatible server URL, with or without /v1")
@@ -85,11 +85,14 @@ class Command(BaseCommand):
             except batch.OwnerNotFound as exc:
                 raise CommandError(str(exc)) from None
             for name in files:
-                try:
-                    scans.append(create_scan_from_path(owner=owner, path=Path(name), options=options))
-                except UploadRejected as exc:
+                judged = judge(name, lambda: create_scan_from_path(owner=owner, path=Path(name), options=options))
+                if judged.scan is None:
                     rejected += 1
-                    self.stderr.write(f"{name}: {exc}")
+                    self.stderr.write(f"{name}: {judged.error}")
+                    continue
+                scans.append(judged.scan)
+                for warning in judged.scan.warnings:
+                    self.stderr.write(f"{name}: {warning['message']}")
 
         if opts["queue"]:
             for scan in scans:
