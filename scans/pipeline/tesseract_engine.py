@@ -1,6 +1,6 @@
 """The Tesseract engine: libtesseract 5 through `tesserocr` (whose wheels bundle it), with the trained
 data of `tessdata.*` packages (see languages.py). The default CPU engine: on the accuracy corpus it
-reads clean English pages as well as RapidOCR for about a fifth of the CPU time (bench/bench_builtin.py).
+reads English pages as well as RapidOCR for a fraction of the CPU time (bench/bench_builtin.py).
 
 Pages run in the process-wide `CPUPool` (one page per usable core); libtesseract is built without
 OpenMP, so one page uses one core. Each worker thread keeps its own `PyTessBaseAPI` per language
@@ -23,12 +23,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
 from scans.pipeline.cpu import cpu_pool
-from scans.pipeline.languages import DEFAULT_LANGUAGE, tessdata_dir, validate_language
+from scans.pipeline.languages import DEFAULT_LANGUAGE, LanguageError, tessdata_dir, validate_language
 from scans.pipeline.reading_order import PageReading, TextBox, block_reading_order
 from scans.pipeline.types import PageImage, PageResult, WordBox
 from vllm_control.config import OCRConfig
@@ -45,6 +46,8 @@ PARAGRAPH_GAP = 2.0
 OSD_MIN_SIDE = 2000  # OSD misses a page on its side at 1288 px; it is told at 1650 px and more
 
 _local = threading.local()
+# Loading trained data touches Tesseract's process-wide parameters: one thread at a time (rare, ~0.1 s).
+_init_lock = threading.Lock()
 
 
 @cache
@@ -66,7 +69,12 @@ def _api(tessdata: str, language: str) -> PyTessBaseAPI:
         return apis[key]
     while len(apis) >= MAX_APIS_PER_THREAD:
         apis.popitem(last=False)[1].End()
-    apis[key] = PyTessBaseAPI(path=f"{tessdata.rstrip('/')}/", lang=language, psm=PSM.AUTO)
+    try:
+        with _init_lock:
+            apis[key] = PyTessBaseAPI(path=f"{tessdata.rstrip('/')}/", lang=language, psm=PSM.AUTO)
+    except RuntimeError as error:  # the data went away since the engine was made, or is damaged
+        validate_language(language, Path(tessdata))
+        raise LanguageError(f"Tesseract could not load {language} from {tessdata}: {error}") from error
     return apis[key]
 
 
@@ -77,7 +85,8 @@ def _osd_api(tessdata: str) -> PyTessBaseAPI | None:
     cache_ = _local.__dict__.setdefault("osd", {})
     if tessdata not in cache_:
         try:
-            cache_[tessdata] = PyTessBaseAPI(path=f"{tessdata.rstrip('/')}/", lang="osd", psm=PSM.OSD_ONLY)
+            with _init_lock:
+                cache_[tessdata] = PyTessBaseAPI(path=f"{tessdata.rstrip('/')}/", lang="osd", psm=PSM.OSD_ONLY)
         except RuntimeError:
             cache_[tessdata] = None
     return cache_[tessdata]
@@ -148,7 +157,7 @@ def _read(api: PyTessBaseAPI, image: Image.Image) -> _Read:
                 lines.append((_line_quad(bbox, iterator.Baseline(RIL.TEXTLINE)), []))
             text = "" if iterator.Empty(RIL.WORD) else (iterator.GetUTF8Text(RIL.WORD) or "").strip()
             if text and lines:
-                conf = round(iterator.Confidence(RIL.WORD), 2)
+                conf = round(min(100.0, max(0.0, iterator.Confidence(RIL.WORD))), 2)
                 lines[-1][1].append(WordBox(text=text, bbox=iterator.BoundingBox(RIL.WORD), conf=conf))
                 confidences.append(conf)
                 sideways += line_sideways
@@ -207,7 +216,7 @@ class TesseractEngine:
 
     async def ocr_page(self, image: PageImage, options: OCRConfig | None = None, *, temperature: float | None = None) -> PageResult:
         """`options` and `temperature` are not used (no prompt, no sampling). Raises ValueError for an
-        image that cannot be decoded."""
+        image that cannot be decoded, LanguageError when the language's data is gone or damaged."""
         started = time.perf_counter()
         reading = await cpu_pool().run(read_page, image.data, self.tessdata, self.language)
         return reading.page_result(engine=self.name, latency_ms=round((time.perf_counter() - started) * 1000))

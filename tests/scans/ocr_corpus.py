@@ -228,6 +228,19 @@ def photo_like(image: Image.Image, *, skew_degrees: float = 2.0, seed: int = 6) 
     return buffer.getvalue()
 
 
+def text_line_page(text: str, number: int = 1):
+    """A 600 x 120 PNG page with one line of text in a large font (fast to read)."""
+    from PIL import ImageDraw, ImageFont
+
+    from scans.pipeline.types import PageImage
+
+    image = Image.new("L", (600, 120), 255)
+    ImageDraw.Draw(image).text((20, 30), text, fill=0, font=ImageFont.load_default(size=48))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return PageImage(number=number, data=buffer.getvalue(), mime="image/png", width=600, height=120)
+
+
 def normalize(text: str) -> str:
     return " ".join(text.split())
 

@@ -17,8 +17,7 @@ import pytest
 from scans.pipeline import tesseract_engine
 from scans.pipeline.cpu import CPUPool, cpu_pool, usable_cores
 from scans.pipeline.tesseract_engine import TesseractEngine
-from scans.pipeline.types import PageImage
-from tests.scans.test_builtin_engine import _text_png
+from tests.scans.ocr_corpus import text_line_page
 
 pytestmark = pytest.mark.timeout(120)
 SAFETY_S = 60
@@ -173,7 +172,7 @@ async def test_cancelling_many_submitted_pages_stops_at_the_pages_already_runnin
     monkeypatch.setattr(tesseract_engine, "read_page", held_read_page)
     started_before = pool.started
     count = 3 * cores
-    pages = [PageImage(number=n, data=_text_png(f"Page {n}"), mime="image/png", width=600, height=120) for n in range(count)]
+    pages = [text_line_page(f"Page {n}", n) for n in range(count)]
     alive = [weakref.ref(page) for page in pages]
     tasks = [asyncio.create_task(engine.ocr_page(page, None)) for page in pages]
     del pages
@@ -200,5 +199,4 @@ async def test_cancelling_many_submitted_pages_stops_at_the_pages_already_runnin
     assert pool.started - started_before == cores
     # The pool is whole again: the next page is read.
     monkeypatch.setattr(tesseract_engine, "read_page", real_read_page)
-    page = PageImage(number=99, data=_text_png("Page 99"), mime="image/png", width=600, height=120)
-    assert (await engine.ocr_page(page, None)).text == "Page 99"
+    assert (await engine.ocr_page(text_line_page("Page 99", 99), None)).text == "Page 99"

@@ -65,3 +65,19 @@ def test_tessdata_prefix_points_at_another_folder(tmp_path, monkeypatch):
     with pytest.raises(LanguageError, match=rf"deu is not installed \(installed in {tmp_path}: eng, script/Latin\)"):
         validate_language("deu")
     assert validate_language("script/Latin+eng") == "script/Latin+eng"
+
+
+async def test_trained_data_removed_after_the_engine_was_made_is_a_permanent_error(tmp_path, monkeypatch):
+    from scans.pipeline.tesseract_engine import TesseractEngine
+    from tests.scans.ocr_corpus import text_line_page
+
+    shutil.copy(tessdata_dir() / "eng.traineddata", tmp_path / "eng.traineddata")
+    (tmp_path / "deu.traineddata").write_bytes(b"not trained data")
+    monkeypatch.setenv("TESSDATA_PREFIX", str(tmp_path))
+    page = text_line_page("Gone")
+    engine = TesseractEngine(language="eng")
+    (tmp_path / "eng.traineddata").unlink()
+    with pytest.raises(LanguageError, match="eng is not installed"):
+        await engine.ocr_page(page, None)
+    with pytest.raises(LanguageError, match="could not load deu"):
+        await TesseractEngine(language="deu").ocr_page(page, None)
