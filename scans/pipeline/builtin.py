@@ -15,6 +15,9 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 from scans.pipeline.languages import DEFAULT_LANGUAGE
+# RapidOCR's text detector, for code that finds line boxes without recognizing them (the searchable
+# PDF's line detection imports them from here); light: the models load on first use.
+from scans.pipeline.rapidocr_engine import decode_image, get_ocr  # noqa: F401
 from scans.pipeline.types import Engine
 
 CPUEngineName = Literal["tesseract", "rapidocr"]

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 from scans.pipeline.cpu import cpu_pool
 from scans.pipeline.reading_order import PageReading, TextBox, reading_order, span_bbox
 from scans.pipeline.types import PageImage, PageResult, WordBox
-from vllm_control.config import OCRConfig
 
 if TYPE_CHECKING:
     import numpy as np
     from rapidocr_onnxruntime import RapidOCR
+
+    from vllm_control.config import OCRConfig  # annotations only (the options are not used)
 
 MODEL = "rapidocr-onnxruntime PP-OCRv4"
 INTRA_OP_THREADS = 1

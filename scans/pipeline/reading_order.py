@@ -300,6 +300,15 @@ def reading_order_text(boxes: Sequence[TextBox]) -> str:
     return page_text(reading_order(boxes))
 
 
+def reading_order_lines(boxes: Sequence[TextBox]) -> list[list[TextBox]]:
+    """The boxes as lines in reading order (columns, then top to bottom), each line left to right."""
+    return [
+        [item.box for item in sorted(line.items, key=lambda i: i.x0)]
+        for block in _blocks(_items(boxes))
+        for line in _lines(block)
+    ]
+
+
 @dataclass(frozen=True)
 class PageReading:
     """What a CPU engine read on one page image."""

@@ -32,10 +32,11 @@ from scans.pipeline.cpu import cpu_pool
 from scans.pipeline.languages import DEFAULT_LANGUAGE, LanguageError, tessdata_dir, validate_language
 from scans.pipeline.reading_order import PageReading, TextBox, block_reading_order
 from scans.pipeline.types import PageImage, PageResult, WordBox
-from vllm_control.config import OCRConfig
 
 if TYPE_CHECKING:
     from tesserocr import PyTessBaseAPI
+
+    from vllm_control.config import OCRConfig  # annotations only (the options are not used)
 
 MAX_APIS_PER_THREAD = 2
 CHECK_ORIENTATION_BELOW = 60.0  # mean word confidence (0-100) under which the orientation is checked

@@ -106,3 +106,10 @@ def test_page_reading_gives_text_layout_and_metadata():
     assert result.metadata == {"engine": "tesseract", "lines": 2, "mean_confidence": 100.0, "rotation": 90}
     assert result.layout["lines"][1]["words"][0]["text"] == "known"
     assert (result.finish_reason, result.latency_ms) == ("stop", 12)
+
+
+def test_lines_in_reading_order_without_text():
+    from scans.pipeline.reading_order import reading_order_lines
+
+    boxes = [box(300, 102, 500, 122, ""), box(100, 100, 280, 120, ""), box(100, 125, 400, 145, "")]
+    assert [[b.points[0] for b in line] for line in reading_order_lines(boxes)] == [[(100, 100), (300, 102)], [(100, 125)]]
