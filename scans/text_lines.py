@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import cv2
 
-from scans.pipeline.builtin import decode_image, get_ocr
+from scans.pipeline.rapidocr_engine import decode_image, get_ocr
 from scans.pipeline.reading_order import TextBox, reading_order_lines
 
 if TYPE_CHECKING:

@@ -14,10 +14,10 @@ PACKAGES = ("ocrsite", "scans", "vllm_control", "api")
 OCRSITE_LEAVES = {"ocrsite.env", "ocrsite.live", "ocrsite.database", "ocrsite.metrics"}
 # Imports inside functions, each with its reason. Anything else goes at the top of its module.
 DEFERRED_IMPORTS = {
-    ("scans.pipeline.engines", "scans.pipeline.builtin"): "onnxruntime and OpenCV load only when the CPU engine is used",
-    ("scans.pipeline.builtin", "rapidocr_onnxruntime"): "heavy (onnxruntime): loaded on first use",
-    ("scans.pipeline.builtin", "cv2"): "heavy (OpenCV): loaded on first use",
-    ("scans.pipeline.builtin", "numpy"): "only needed with the CPU engine",
+    ("scans.pipeline.rapidocr_engine", "rapidocr_onnxruntime"): "heavy (onnxruntime): loaded on first use",
+    ("scans.pipeline.rapidocr_engine", "cv2"): "heavy (OpenCV): loaded on first use",
+    ("scans.pipeline.rapidocr_engine", "numpy"): "only needed with the RapidOCR engine",
+    ("scans.pipeline.tesseract_engine", "tesserocr"): "loads libtesseract (about 110 ms): only with the Tesseract engine",
     ("api.apps", "api"): "AppConfig.ready: signal receivers and schema extensions import models, loaded after app configs",
     ("api.apps", "scans.signals"): "AppConfig.ready: scans.signals imports scans.models",
     ("scans.text_layer", "fontTools.fontBuilder"): "about 120 ms to import, used once per process to build the PDF font",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scans.pipeline.builtin import BuiltinEngine
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig
 from scans.pipeline.types import Engine
@@ -22,8 +23,6 @@ def build_engine(
     """`engine` None follows the configured mode, except that an explicit `base_url` means vLLM."""
     kind = engine or ("vllm" if base_url else ("builtin" if config.mode == "builtin" else "vllm"))
     if kind == "builtin":
-        from scans.pipeline.builtin import BuiltinEngine  # heavy (onnxruntime): load only when used
-
         return BuiltinEngine(max_workers=max_in_flight)
     if kind != "vllm":
         raise ValueError(f"Unknown engine {kind!r} (expected 'vllm' or 'builtin').")

@@ -2,7 +2,12 @@
 
 Pure Python on box coordinates (image pixels, y downwards), so it can be tested without a model.
 A box is a recognized text line segment with its four corners (top-left, top-right, bottom-right,
-bottom-left, as PP-OCR's detector returns them).
+bottom-left, as PP-OCR's detector returns them) and, when the engine located them, its words.
+
+Two entry points give the same shape (paragraphs of `Line`s), from which `page_text` makes the page's
+text and `page_layout` its `PageLayout`:
+- `reading_order(boxes)` finds the columns itself (RapidOCR, whose detector only finds lines);
+- `block_reading_order(blocks)` takes blocks already in reading order (Tesseract's layout analysis).
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import median
 
+from scans.pipeline.types import BBox, LineBox, PageLayout, PageResult, WordBox
+
 Point = tuple[float, float]
+Quad = tuple[Point, Point, Point, Point]
 
 PARAGRAPH_GAP = 1.5  # a line pitch above 1.5x the median line height starts a new paragraph
 MAX_COLUMN_DEPTH = 2  # a column may itself be split once more (up to four columns)
@@ -20,9 +28,52 @@ MAX_COLUMN_DEPTH = 2  # a column may itself be split once more (up to four colum
 
 @dataclass(frozen=True)
 class TextBox:
-    points: tuple[Point, Point, Point, Point]
+    points: Quad
     text: str
-    score: float = 1.0
+    score: float = 1.0  # 0-1
+    words: tuple[WordBox, ...] = ()  # empty: the words are placed along the box by character count
+
+    def located_words(self) -> list[WordBox]:
+        if self.words:
+            return list(self.words)
+        words: list[WordBox] = []
+        start = 0
+        length = max(1, len(self.text))
+        for token in self.text.split():
+            start = self.text.index(token, start)
+            bbox = span_bbox(self.points, start / length, (start + len(token)) / length)
+            words.append(WordBox(text=token, bbox=bbox, conf=round(self.score * 100, 2)))
+            start += len(token)
+        return words
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a paragraph as read: its words left to right."""
+
+    words: tuple[WordBox, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(word["text"] for word in self.words)
+
+
+Paragraph = list[Line]
+
+
+def span_bbox(points: Quad, start: float, end: float) -> BBox:
+    """The axis-aligned box of the part of a (possibly slanted) line box between two fractions of its
+    length, 0 at its left edge and 1 at its right edge."""
+    (x0, y0), (x1, y1), (x2, y2), (x3, y3) = points
+
+    def along(ax: float, ay: float, bx: float, by: float, t: float) -> Point:
+        return ax + (bx - ax) * t, ay + (by - ay) * t
+
+    corners = [along(x0, y0, x1, y1, start), along(x0, y0, x1, y1, end)]
+    corners += [along(x3, y3, x2, y2, start), along(x3, y3, x2, y2, end)]
+    xs = [x for x, _ in corners]
+    ys = [y for _, y in corners]
+    return (math.floor(min(xs)), math.floor(min(ys)), math.ceil(max(xs)), math.ceil(max(ys)))
 
 
 class _VerticalSpan:
@@ -53,8 +104,9 @@ class _Line(_VerticalSpan):
     y0: float
     y1: float
 
-    def text(self) -> str:
-        return " ".join(item.box.text.strip() for item in sorted(self.items, key=lambda i: i.x0) if item.box.text.strip())
+    def line(self) -> Line:
+        ordered = sorted(self.items, key=lambda i: i.x0)
+        return Line(tuple(word for item in ordered for word in item.box.located_words() if word["text"]))
 
 
 def page_skew(boxes: Sequence[TextBox]) -> float:
@@ -177,25 +229,75 @@ def _join_lines(texts: Sequence[str]) -> str:
     return joined
 
 
-def reading_order_text(boxes: Sequence[TextBox]) -> str:
-    """The page text: paragraphs separated by a blank line, lines of a paragraph joined by spaces."""
+def _paragraphs(block: Sequence[_Item], gap: float) -> list[Paragraph]:
+    """A block's lines top to bottom; a line pitch above `gap` pixels starts a paragraph."""
+    paragraphs: list[Paragraph] = []
+    current: Paragraph = []
+    previous: _Line | None = None
+    for line in _lines(block):
+        if previous is not None and line.yc - previous.yc > gap:
+            paragraphs.append(current)
+            current = []
+        read = line.line()
+        if read.words:
+            current.append(read)
+        previous = line
+    paragraphs.append(current)
+    return [paragraph for paragraph in paragraphs if paragraph]
+
+
+def reading_order(boxes: Sequence[TextBox]) -> list[Paragraph]:
+    """Paragraphs in reading order, columns found from the boxes' positions."""
     items = [item for item in _items(boxes) if item.box.text.strip()]
     if not items:
-        return ""
-    line_height = median(item.height for item in items)
-    paragraphs: list[str] = []
-    for block in _blocks(items):
-        current: list[str] = []
-        previous: _Line | None = None
-        for line in _lines(block):
-            if previous is not None and line.yc - previous.yc > PARAGRAPH_GAP * line_height:
-                paragraphs.append(_join_lines(current))
-                current = []
-            current.append(line.text())
-            previous = line
-        if current:
-            paragraphs.append(_join_lines(current))
-    return "\n\n".join(paragraph for paragraph in paragraphs if paragraph)
+        return []
+    gap = PARAGRAPH_GAP * median(item.height for item in items)
+    return [paragraph for block in _blocks(items) for paragraph in _paragraphs(block, gap)]
+
+
+def block_reading_order(blocks: Sequence[Sequence[TextBox]], *, paragraph_gap: float = PARAGRAPH_GAP) -> list[Paragraph]:
+    """Paragraphs of blocks that are already in reading order (a block never shares a paragraph); a
+    line pitch above `paragraph_gap` median line heights starts a paragraph."""
+    items = [item for item in _items([box for block in blocks for box in block]) if item.box.text.strip()]
+    if not items:
+        return []
+    gap = paragraph_gap * median(item.height for item in items)
+    by_box = {id(item.box): item for item in items}
+    paragraphs: list[Paragraph] = []
+    for block in blocks:
+        block_items = [by_box[id(box)] for box in block if id(box) in by_box]
+        paragraphs.extend(_paragraphs(block_items, gap))
+    return paragraphs
+
+
+def page_text(paragraphs: Sequence[Paragraph]) -> str:
+    """Paragraphs separated by a blank line, lines of a paragraph joined by spaces."""
+    texts = (_join_lines([line.text for line in paragraph]) for paragraph in paragraphs)
+    return "\n\n".join(text for text in texts if text)
+
+
+def page_layout(paragraphs: Sequence[Paragraph], *, width: int, height: int) -> PageLayout:
+    """The lines in reading order with their words; a line's box covers its words, its confidence is
+    their mean."""
+    lines: list[LineBox] = []
+    for paragraph in paragraphs:
+        for line in paragraph:
+            boxes = [word["bbox"] for word in line.words]
+            bbox = (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+            conf = round(sum(word["conf"] for word in line.words) / len(line.words), 2)
+            lines.append(LineBox(bbox=bbox, conf=conf, words=list(line.words)))
+    return PageLayout(width=width, height=height, lines=lines)
+
+
+def mean_confidence(layout: PageLayout) -> float:
+    """The mean word confidence (0-100) of a page; 0 when it has no words."""
+    confs = [word["conf"] for line in layout["lines"] for word in line["words"]]
+    return round(sum(confs) / len(confs), 2) if confs else 0.0
+
+
+def reading_order_text(boxes: Sequence[TextBox]) -> str:
+    """The page text of `reading_order(boxes)`."""
+    return page_text(reading_order(boxes))
 
 
 def reading_order_lines(boxes: Sequence[TextBox]) -> list[list[TextBox]]:
@@ -205,3 +307,29 @@ def reading_order_lines(boxes: Sequence[TextBox]) -> list[list[TextBox]]:
         for block in _blocks(_items(boxes))
         for line in _lines(block)
     ]
+
+
+@dataclass(frozen=True)
+class PageReading:
+    """What a CPU engine read on one page image."""
+
+    paragraphs: list[Paragraph]
+    width: int  # of the image read, after `rotation`
+    height: int
+    rotation: int  # degrees clockwise the page was turned before it was read
+
+    def page_result(self, *, engine: str, latency_ms: int) -> PageResult:
+        """The page's text and layout; metadata: engine, lines, mean word confidence (0-100), rotation."""
+        layout = page_layout(self.paragraphs, width=self.width, height=self.height)
+        return PageResult(
+            text=page_text(self.paragraphs),
+            latency_ms=latency_ms,
+            finish_reason="stop",
+            metadata={
+                "engine": engine,
+                "lines": len(layout["lines"]),
+                "mean_confidence": mean_confidence(layout),
+                "rotation": self.rotation,
+            },
+            layout=layout,
+        )

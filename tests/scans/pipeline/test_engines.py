@@ -49,6 +49,6 @@ async def test_builtin_mode() -> None:
     builtin = pytest.importorskip("scans.pipeline.builtin", reason="the built-in engine is not in this tree yet")
     engine = build_engine(*config(mode="builtin"), max_in_flight=2)
     try:
-        assert isinstance(engine, builtin.BuiltinEngine) and engine.name == "builtin"
+        assert engine.name == builtin.DEFAULT_CPU_ENGINE  # "builtin" means the default CPU engine
     finally:
         await engine.aclose()
