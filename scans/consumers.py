@@ -10,23 +10,23 @@ from asgiref.sync import sync_to_async
 
 from ocrsite.live import CLOSE_FORBIDDEN, LiveConsumer
 from scans import events, selectors
-from scans.access import visible_scans
+from scans.access import VIEW_ALL_SCANS, avisible_scans
 
 
 class ScanConsumer(LiveConsumer):
-    """One scan's pages and totals; only its owner and staff may watch."""
+    """One scan's pages and totals; whoever may see the scan (`scans.access`) may watch."""
 
     scan_id: int
     last_status: str = ""
 
     async def authorize(self, user) -> list[str] | None:
         self.scan_id = int(self.scope["url_route"]["kwargs"]["scan_id"])
-        if not await visible_scans(user).filter(pk=self.scan_id).aexists():
+        if not await (await avisible_scans(user)).filter(pk=self.scan_id).aexists():
             return None
         return [events.scan_group(self.scan_id)]
 
     async def snapshot(self) -> events.ScanSnapshotEvent | dict:
-        scan = await visible_scans(self.user).filter(pk=self.scan_id).afirst()
+        scan = await (await avisible_scans(self.user)).filter(pk=self.scan_id).afirst()
         if scan is None:  # deleted (or no longer visible) since connecting
             await self.close(code=CLOSE_FORBIDDEN)
             return {}
@@ -43,10 +43,11 @@ class ScanConsumer(LiveConsumer):
 
 
 class ScanListConsumer(LiveConsumer):
-    """The scan list: the user's scans (staff: everyone's), then one item per change."""
+    """The scan list: the user's scans (with `scans.view_all_scans`: everyone's), then one item per change."""
 
     async def authorize(self, user) -> list[str]:
-        return [events.ALL_SCANS_GROUP] if user.is_staff else [events.user_scans_group(user.pk)]
+        sees_all = await user.ahas_perm(VIEW_ALL_SCANS)
+        return [events.ALL_SCANS_GROUP] if sees_all else [events.user_scans_group(user.pk)]
 
     async def snapshot(self) -> events.ScanListSnapshotEvent:
         return await sync_to_async(selectors.list_snapshot)(self.user)

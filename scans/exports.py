@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from scans.models import Page, Scan
+from scans.pipeline.options import shown_options
 from scans.selectors import document_markdown, ordered_pages
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -86,7 +87,7 @@ def _iso(value) -> str | None:
 
 
 def export_json(scan: Scan) -> dict[str, Any]:
-    options = {key: value for key, value in (scan.options or {}).items() if key != "api_key"}
+    options = shown_options(scan.options or {})
     pages = [
         {
             "number": page.number,

@@ -56,7 +56,7 @@ def ordered_pages(scan: Scan) -> QuerySet[Page]:
 
 
 def scans_with_counts(user, limit: int = 500) -> list[tuple[Scan, PageCounts]]:
-    """The user's scans (staff: everyone's), newest first, each with its page counts."""
+    """The scans the user may see (`scans.access`), newest first, each with its page counts."""
     scans = list(visible_scans(user).select_related("owner").order_by("-created_at", "-id")[:limit])
     counts = page_counts(scan.pk for scan in scans)
     return [(scan, counts.get(scan.pk, PageCounts())) for scan in scans]

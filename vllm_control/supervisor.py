@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
-from vllm_control.command import build_command, redact
+from vllm_control.command import build_command, redact, server_environment
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
@@ -401,9 +401,7 @@ class Supervisor:
     async def _spawn(self) -> asyncio.subprocess.Process:
         argv = build_command(self.config)
         instance = uuid.uuid4().hex
-        env = dict(os.environ, **{INSTANCE_MARKER: instance})
-        if self.config.hf_token:
-            env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = self.config.hf_token
+        env = server_environment(self.config, os.environ) | {INSTANCE_MARKER: instance}
         logger.info("Starting vLLM: %s", " ".join(redact(argv)))
         self._run_lines.clear()
         proc = await asyncio.create_subprocess_exec(

@@ -7,10 +7,15 @@ them in `Scan.options` (set by `manage.py ocr`, later by the API).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
+from vllm_control.redaction import redact_urls
+
+SECRET_OPTIONS = frozenset({"api_key"})
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,13 @@ class ScanOptions:
 
     def apply(self, ocr: OCRConfig) -> OCRConfig:
         return replace(ocr, prompt_preset=self.prompt) if self.prompt else ocr
+
+
+def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`Scan.options` as people may see them (admin, exports, the API): without the API key, and with
+    credentials inside URLs hidden. The runner reads the stored options, not these."""
+    return {
+        key: redact_urls(value) if isinstance(value, str) else value
+        for key, value in options.items()
+        if key not in SECRET_OPTIONS
+    }

@@ -21,6 +21,7 @@ from scans.pipeline.prompts import build_prompt, clean_markdown, parse_olmocr
 from scans.pipeline.types import PageImage, PageResult
 from scans.pipeline.options import OCRConfig
 from vllm_control.config import normalize_base_url
+from vllm_control.redaction import redact_urls
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_DETAIL_CHARS = 300
@@ -73,6 +74,7 @@ class VLLMEngine:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive: a request without a deadline can hang a page forever.")
         self.base_url = normalize_base_url(base_url)
+        self.shown_url = redact_urls(self.base_url)  # for messages: page errors reach browsers and logs
         self.model = model
         self.timeout_s = float(timeout_s)
         self.max_in_flight = max(1, max_in_flight)
@@ -132,13 +134,13 @@ class VLLMEngine:
                 return await self._client.post(url, json=payload, headers=self._headers)
         except (httpx.TimeoutException, TimeoutError):
             raise TransientEngineError(
-                f"The server at {self.base_url} did not answer within {self.timeout_s:g} s."
+                f"The server at {self.shown_url} did not answer within {self.timeout_s:g} s."
             ) from None
         except httpx.ConnectError as error:
-            raise TransientEngineError(f"Cannot connect to {self.base_url}: {error or 'connection refused'}.") from None
+            raise TransientEngineError(f"Cannot connect to {self.shown_url}: {redact_urls(str(error)) or 'connection refused'}.") from None
         except httpx.TransportError as error:
             raise TransientEngineError(
-                f"The connection to {self.base_url} failed: {error or type(error).__name__}."
+                f"The connection to {self.shown_url} failed: {redact_urls(str(error)) or type(error).__name__}."
             ) from None
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
@@ -156,7 +158,7 @@ class VLLMEngine:
             )
         if status in (401, 403):
             raise PermanentEngineError(
-                f"The server at {self.base_url} rejected the API key ({status}): check the API key in the settings.",
+                f"The server at {self.shown_url} rejected the API key ({status}): check the API key in the settings.",
                 status=status,
             )
         if status == 404:
@@ -166,7 +168,7 @@ class VLLMEngine:
     async def _not_found_message(self, detail: str) -> str:
         served = await self.served_models()
         if served is None:
-            return f"No OpenAI-compatible API at {self.base_url} (404): {detail}"
+            return f"No OpenAI-compatible API at {self.shown_url} (404): {detail}"
         names = ", ".join(served) or "nothing"
         return f"The server does not serve model '{self.model}' (it serves: {names})."
 
