@@ -19,8 +19,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -50,6 +51,18 @@ Message = tuple[str, Mapping[str, Any]]  # (group, payload)
 Build = Callable[[], list[Message]]  # sync: reads the database, returns what to send
 
 _background: set[asyncio.Task] = set()
+T = TypeVar("T")
+
+# The reads behind snapshots and totals run on threads of their own. By default sync_to_async (and
+# Django's async ORM) use one thread per process, which also carries the OCR runner's writes: a browser's
+# snapshot would queue behind them, and page commits behind a burst of snapshots. Each of these threads
+# keeps its own database connection (readers do not block SQLite's WAL writer).
+_reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="live-read")
+
+
+async def read(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a sync database read for live events or a snapshot off the event loop, on the read threads."""
+    return await sync_to_async(function, thread_sensitive=False, executor=_reads)(*args, **kwargs)
 
 
 async def send(messages: Iterable[Message], *, read_at: float) -> None:
@@ -76,7 +89,7 @@ async def publish_built(build: Build, *, what: str) -> None:
     """Read the payloads with `build` (off the event loop), then publish them. Never raises."""
     read_at = time.time()
     try:
-        messages = await sync_to_async(build)()
+        messages = await read(build)
     except Exception:
         logger.warning("Could not read %s to publish it", what, exc_info=True)
         return

@@ -72,6 +72,12 @@ def scan_snapshot(scan: Scan) -> events.ScanSnapshotEvent:
     )
 
 
+def visible_scan_snapshot(user, scan_id: int) -> events.ScanSnapshotEvent | None:
+    """The scan's snapshot, or None when `user` may not see it (or it is gone)."""
+    scan = visible_scans(user).filter(pk=scan_id).first()
+    return scan_snapshot(scan) if scan is not None else None
+
+
 def list_snapshot(user) -> events.ScanListSnapshotEvent:
     items = [events.list_item(scan, counts, scan.owner.get_username()) for scan, counts in scans_with_counts(user)]
     return events.ScanListSnapshotEvent(type="scans.snapshot", scans=items)
