@@ -17,6 +17,7 @@ import httpx
 from vllm_control.config import EffectiveConfig
 from vllm_control.redaction import redact_urls
 from vllm_control.status import ServerState, ServerStatus
+from vllm_control.tls import tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ async def probe(
     shown, shown_root = redact_urls(base_url), redact_urls(root)
     started = time.monotonic()
     try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False, verify=tls_context()) as client:
             if check_health:
                 health = await client.get(f"{root}/health")
                 if health.status_code != 200:

@@ -22,6 +22,7 @@ from scans.pipeline.types import PageImage, PageResult
 from scans.pipeline.options import OCRConfig
 from vllm_control.config import normalize_base_url
 from vllm_control.redaction import redact_urls
+from vllm_control.tls import tls_context
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_DETAIL_CHARS = 300
@@ -82,6 +83,7 @@ class VLLMEngine:
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_s, connect=min(CONNECT_TIMEOUT_S, self.timeout_s)),
+            verify=tls_context(),
             limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight),
         )
         self._slots = asyncio.Semaphore(self.max_in_flight)
