@@ -1,7 +1,8 @@
 """Live-event latency under load: from a page's commit to a browser's WebSocket receive.
 
-    .venv/bin/python bench/live_latency_bench.py                    # this checkout, about 1-2 minutes
-    .venv/bin/python bench/live_latency_bench.py --checkout /tmp/old --checkout .   # before/after, same run
+    .venv/bin/python bench/live_latency_bench.py              # this checkout: about a minute per run
+    mkdir /tmp/before && git archive <commit> | tar -x -C /tmp/before
+    .venv/bin/python bench/live_latency_bench.py --checkout /tmp/before --checkout . --rounds 3   # taking turns
 
 Each run starts the real `manage.py serve` (Local mode, supervising the vLLM test double) on a fresh data
 directory, logs in WATCHERS users over HTTP and opens what their browsers open: the scan list, the
@@ -10,8 +11,8 @@ uploaded at once (each a separate POST, spread over the watchers' accounts) and 
 watches. With `--watch-all` every watcher also watches every scan (as someone allowed to see all scans).
 
 Latency of one delivery = the moment the socket received the page's `page.update` (done or failed) minus
-the page's `finished_at`, which the commit wrote just before the transaction ended (so the figure also
-includes the commit itself). Both are this machine's wall clock. Pages that finished before a socket's
+the page's `finished_at`, stamped by the commit just before its transaction begins (so the figure includes
+the commit itself). Both are this machine's wall clock, read from the database after the run. Pages that finished before a socket's
 snapshot arrived are in that snapshot, not in the events, and are not counted.
 """
 
@@ -79,6 +80,7 @@ class RunResult:
     pages: int
     wall_s: float
     sockets: int
+    load: float  # the machine's 1-minute load average when the run ended (other processes included)
 
 
 async def login(base: str, username: str) -> httpx.AsyncClient:
@@ -225,7 +227,7 @@ def run(checkout: Path, label: str, args: argparse.Namespace, pdf: Path, workdir
     ]
     if not args.keep:
         shutil.rmtree(data_dir, ignore_errors=True)
-    return RunResult(label, latencies, len(commits), wall, len(sockets))
+    return RunResult(label, latencies, len(commits), wall, len(sockets), os.getloadavg()[0])
 
 
 def percentile(values: list[float], p: int) -> float:
@@ -265,21 +267,24 @@ def main() -> None:
         f"\n{args.scans} uploads x {args.pages} pages at once, {args.watchers} watchers ({watching}), double latency "
         f"{args.latency:g} s, {args.in_flight} in flight, {os.cpu_count()} cores; commit -> WebSocket receive:\n"
     )
-    print("| checkout | deliveries | p50 ms | p95 ms | p99 ms | max ms | p95 vs first | target p95 <= 250 ms | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| checkout | deliveries | p50 ms | p95 ms | p99 ms | max ms | p95 vs first | target p95 <= 250 ms | wall s | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     first_p95 = None
     for label, runs in results.items():
         values = [value for result in runs for value in result.latencies_ms]
         if not values:
-            print(f"| {label} | 0 | | | | | | | |")
+            print(f"| {label} | 0 | | | | | | | | |")
             continue
         p50, p95, p99 = (percentile(values, p) for p in (50, 95, 99))
         first_p95 = first_p95 or p95
         wall = statistics.median(result.wall_s for result in runs)
+        loads = "–".join(f"{value:.1f}" for value in sorted({min(r.load for r in runs), max(r.load for r in runs)}))
         print(
             f"| {label} | {len(values)} | {p50:.0f} | {p95:.0f} | {p99:.0f} | {max(values):.0f} | "
-            f"{p95 / first_p95:.2f}x | {'yes' if p95 <= 250 else '**no**'} | {wall:.1f} |"
+            f"{p95 / first_p95:.2f}x | {'yes' if p95 <= 250 else '**no**'} | {wall:.1f} | {loads} |"
         )
+    print("\nwall: from the first upload to the last scan finished (median of the rounds); load: the machine's")
+    print("1-minute load average at the end of the runs (other processes included; 2 means both cores busy).")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Shutdown: the runner first (its in-flight pages go back to the queue), then the 
 from __future__ import annotations
 
 import logging
+import sys
 
 from django.conf import settings
 
@@ -16,8 +17,16 @@ from vllm_control.config import aresolve_config
 
 logger = logging.getLogger(__name__)
 
+# The OCR runner's database, render and upload threads share the GIL with the event loop that serves pages
+# and live events. CPython makes a thread that wants the GIL wait until the holder has run for the switch
+# interval (5 ms by default), and the loop thread wants it back after every socket call: behind busy ORM
+# threads each hop of a live event cost several milliseconds. bench/live_latency_bench.py measured 1 ms
+# best (commit-to-browser p95 less than half, and the whole load finished in half the time; README).
+GIL_SWITCH_INTERVAL_S = 0.001
+
 
 async def startup() -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     runtime.bind_loop()  # the supervisor lives on the server's loop for the life of the process
     config = await aresolve_config()
     if config.mode == "local" and config.local.autostart:
