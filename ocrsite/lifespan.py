@@ -6,6 +6,7 @@ Shutdown: the runner first (its in-flight pages go back to the queue), then the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -14,6 +15,7 @@ from django.conf import settings
 from scans.pipeline.runner import start_embedded_runner, stop_embedded_runner
 from vllm_control import runtime
 from vllm_control.config import aresolve_config
+from vllm_control.tls import tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 async def startup() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    await asyncio.to_thread(tls_context)  # built once, here rather than on the loop at the first probe
     runtime.bind_loop()  # the supervisor lives on the server's loop for the life of the process
     config = await aresolve_config()
     if config.mode == "local" and config.local.autostart:
