@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from django.conf import settings
 
@@ -19,16 +18,8 @@ from vllm_control.tls import tls_context
 
 logger = logging.getLogger(__name__)
 
-# The OCR runner's database, render and upload threads share the GIL with the event loop that serves pages
-# and live events. CPython makes a thread that wants the GIL wait until the holder has run for the switch
-# interval (5 ms by default), and the loop thread wants it back after every socket call: behind busy ORM
-# threads each hop of a live event cost several milliseconds. bench/live_latency_bench.py measured 1 ms
-# best (commit-to-browser p95 less than half, and the whole load finished in half the time; README).
-GIL_SWITCH_INTERVAL_S = 0.001
-
 
 async def startup() -> None:
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     await asyncio.to_thread(tls_context)  # built once, here rather than on the loop at the first probe
     runtime.bind_loop()  # the supervisor lives on the server's loop for the life of the process
     config = await aresolve_config()
