@@ -34,10 +34,15 @@ class ScanConsumer(LiveConsumer):
         return snapshot
 
     async def forward(self, payload: dict) -> None:
-        if payload.get("type") == "scan.progress" and payload["totals"]["status"] != self.last_status:
-            # A status change (retry, cancel, finish) may have touched many pages at once: re-sync.
-            await self.send_snapshot()
-            return
+        if payload.get("type") == "scan.progress":
+            status, previous = payload["totals"]["status"], self.last_status
+            self.last_status = status
+            if status not in (previous, "processing"):
+                # A retry, cancel, requeue or finish may have changed many pages at once: re-sync. Work
+                # starting changes no page (each one's own event follows), and a resync would hold this
+                # socket's events behind a read just when every watcher of a busy queue asks for one.
+                await self.send_snapshot()
+                return
         await self.send_json(payload)
 
 

@@ -190,6 +190,12 @@ async def test_status_change_resyncs_with_a_snapshot(user, alice_scan):
     headers = await sync_to_async(session_headers)(user)
     communicator = await connect(f"/ws/scans/{alice_scan.pk}/", headers)
     await receive(communicator)
+    # Work starting changes no page: its totals go through as they are.
+    await Scan.objects.filter(pk=alice_scan.pk).aupdate(status=Scan.Status.PROCESSING, started_at=timezone.now())
+    await progress.apublish_scan(alice_scan.pk)
+    progress_event = await receive(communicator)
+    assert progress_event["type"] == "scan.progress" and progress_event["totals"]["status"] == "processing"
+    # Any other change may have touched many pages at once: a snapshot.
     await Scan.objects.filter(pk=alice_scan.pk).aupdate(status=Scan.Status.CANCELLED, finished_at=timezone.now())
     await progress.apublish_scan(alice_scan.pk)
     snapshot = await receive(communicator)

@@ -61,7 +61,7 @@ class VLMSettingsForm(forms.ModelForm):
         }
         labels = {
             "hf_token": "Hugging Face token",
-            "local_api_key": "API key for the local server (--api-key)",
+            "local_api_key": "API key for the local server (given to it as VLLM_API_KEY)",
             "external_base_url": "External base URL",
             "external_api_key": "External API key",
             "start_timeout_s": "Start timeout (s)",
