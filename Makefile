@@ -40,3 +40,4 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/bench_builtin.py
+	$(BIN)/python bench/live_latency_bench.py --watch-all

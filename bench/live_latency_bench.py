@@ -9,6 +9,8 @@ directory, logs in WATCHERS users over HTTP and opens what their browsers open: 
 header's server indicator and, after each upload, that scan's page (`ws/scans/<id>/`). Then SCANS PDFs are
 uploaded at once (each a separate POST, spread over the watchers' accounts) and OCRed while everyone
 watches. With `--watch-all` every watcher also watches every scan (as someone allowed to see all scans).
+With `--busy N`, N processes spin on the CPU throughout each run (other work on the machine, made
+reproducible: this machine is shared, and its load otherwise varies from run to run).
 
 Latency of one delivery = the moment the socket received the page's `page.update` (done or failed) minus
 the page's `finished_at`, stamped by the commit just before its transaction begins (so the figure includes
@@ -51,7 +53,7 @@ SETUP = """
 from django.contrib.auth.models import Permission, User
 from vllm_control.models import VLMSettings
 view_all = Permission.objects.filter(codename="view_all_scans").first()
-for n in range({watchers}):
+for n in range({watchers}):  # with --watch-all: staff, which is how older checkouts let someone see every scan
     user = User.objects.create_user(f"watcher{{n}}", password="{password}", is_staff={watch_all})
     if {watch_all} and view_all is not None:
         user.user_permissions.add(view_all)
@@ -206,7 +208,13 @@ def run(checkout: Path, label: str, args: argparse.Namespace, pdf: Path, workdir
         wait_until(lambda: port_open(int(env["VLLM_PORT"])) or server.poll() is not None, timeout=60, message="the double")
         if server.poll() is not None:
             raise SystemExit((data_dir / "server.log").read_text()[-3000:])
-        sockets, wall = asyncio.run(drive(f"http://127.0.0.1:{port}", args, pdf))
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+        try:
+            sockets, wall = asyncio.run(drive(f"http://127.0.0.1:{port}", args, pdf))
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -244,6 +252,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5, help="the double's seconds per request (default 0.5)")
     parser.add_argument("--in-flight", type=int, default=16, help="requests in flight (default 16)")
     parser.add_argument("--rounds", type=int, default=1, help="runs per checkout, taking turns (default 1)")
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU during each run (default 0)")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--keep", action="store_true", help="keep the data directories")
     args = parser.parse_args()
@@ -265,7 +274,8 @@ def main() -> None:
     watching = "every scan" if args.watch_all else "their own scans"
     print(
         f"\n{args.scans} uploads x {args.pages} pages at once, {args.watchers} watchers ({watching}), double latency "
-        f"{args.latency:g} s, {args.in_flight} in flight, {os.cpu_count()} cores; commit -> WebSocket receive:\n"
+        f"{args.latency:g} s, {args.in_flight} in flight, {os.cpu_count()} cores, {args.busy} busy processes; "
+        "commit -> WebSocket receive:\n"
     )
     print("| checkout | deliveries | p50 ms | p95 ms | p99 ms | max ms | p95 vs first | target p95 <= 250 ms | wall s | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
