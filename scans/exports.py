@@ -25,10 +25,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 from scans.markup import markdown_to_text
 from scans.models import Page, Scan
+from scans.pipeline.options import shown_options
 from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
 from scans.selectors import ordered_pages
 
@@ -38,9 +38,6 @@ PAGE_SEPARATOR = "\f"
 # Engines whose output is plain text, not Markdown (the CPU engines); a page read from the PDF's own
 # text layer (`fallback`) is plain text too.
 PLAIN_TEXT_ENGINES = frozenset({"builtin", "tesseract", "rapidocr"})
-SECRET_OPTION = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.IGNORECASE)
-
-
 def page_text(page: Page) -> str:
     """The text of a page as every export has it ("" for a page that is not done)."""
     return page.text.strip() if page.status == Page.Status.DONE else ""
@@ -125,20 +122,6 @@ def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
-def public_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Scan options safe to hand out: no keys, tokens or passwords, and no credentials inside URLs."""
-    public = {}
-    for key, value in (options or {}).items():
-        if SECRET_OPTION.search(key):
-            continue
-        if isinstance(value, str) and "@" in value and "://" in value:
-            parts = urlsplit(value)
-            if parts.username or parts.password:
-                value = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-        public[key] = value
-    return public
-
-
 def page_json(page: Page, scan: Scan) -> dict[str, Any]:
     """A page in the `.json` export. `warnings` ({"code", "message"} each) and `layout` (a PageLayout:
     pixel boxes of the image the engine read) are empty where the engine gave none."""
@@ -175,7 +158,7 @@ def export_json(scan: Scan) -> dict[str, Any]:
             "content_type": scan.content_type,
             "sha256": scan.sha256,
             "has_text_layer": scan.has_text_layer,
-            "options": public_options(scan.options),
+            "options": shown_options(scan.options or {}),
             "error": scan.error,
             "input_tokens": scan.input_tokens,
             "output_tokens": scan.output_tokens,

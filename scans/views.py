@@ -12,7 +12,7 @@ from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
 from scans import exports, selectors, services, thumbnails
-from scans.access import get_visible_scan, visible_scans
+from scans.access import avisible_scans, get_visible_scan, may_act
 from scans.models import Page, Scan
 from scans.uploads import SUPPORTED, create_scan_from_upload, judge
 
@@ -58,7 +58,14 @@ def scan_detail(request: HttpRequest, scan_id: int) -> HttpResponse:
     return render(
         request,
         "scans/detail.html",
-        {"scan": scan, "pages": selectors.ordered_pages(scan), "counts": counts, "can_retry": can_retry},
+        {
+            "scan": scan,
+            "pages": selectors.ordered_pages(scan),
+            "counts": counts,
+            "can_retry": can_retry,
+            "may_change": may_act(request.user, scan, "change"),
+            "may_delete": may_act(request.user, scan, "delete"),
+        },
     )
 
 
@@ -88,7 +95,7 @@ def original_file(request: HttpRequest, scan_id: int) -> FileResponse:
 @login_required
 @require_POST
 def cancel(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="change")
     if services.cancel_scan(scan=scan):
         messages.info(request, f"Cancelled {scan.original_filename}.")
     return redirect("scans:detail", scan_id=scan.pk)
@@ -97,7 +104,7 @@ def cancel(request: HttpRequest, scan_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def retry(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="change")
     count = services.retry_failed_pages(scan=scan)
     messages.info(request, f"Retrying {count} page(s)." if count else "There are no failed pages to retry.")
     return redirect("scans:detail", scan_id=scan.pk)
@@ -106,7 +113,7 @@ def retry(request: HttpRequest, scan_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="delete")
     name = scan.original_filename
     services.delete_scan(scan=scan)
     messages.info(request, f"Deleted {name}.")
@@ -115,7 +122,7 @@ def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
 
 async def _visible_scan(request: HttpRequest, scan_id: int) -> Scan:
     user = await request.auser()
-    scan = await visible_scans(user).filter(pk=scan_id).afirst()
+    scan = await (await avisible_scans(user)).filter(pk=scan_id).afirst()
     if scan is None:
         raise Http404("No such scan.")
     return scan
