@@ -141,7 +141,7 @@ def test_json_carries_no_secret(scan):
     for secret in ("secret-key", "hf_secret", "pa55", "user:"):
         assert secret not in dumped
     assert data["scan"]["options"] == {
-        "prompt": "markdown", "max_tokens": 4096, "base_url": "http://gpu.example:8000/v1",
+        "prompt": "markdown", "max_tokens": 4096, "base_url": "http://***@gpu.example:8000/v1",
     }
 
 
