@@ -1,8 +1,24 @@
 from django.apps import AppConfig
 
+from vllm_control import cpu_engines
+
 
 class OcrsiteConfig(AppConfig):
-    """The project package as an app, for its composition-level commands (`manage.py serve`)."""
+    """The project package as an app, for its composition-level commands (`manage.py serve`) and for
+    wiring the apps together at start-up."""
 
     name = "ocrsite"
     verbose_name = "ocrsite"
+
+    def ready(self) -> None:
+        from scans.pipeline import builtin, languages
+
+        # The settings (vllm_control) offer and check the CPU engines' languages without importing scans.
+        cpu_engines.register(
+            cpu_engines.CPUEngineSupport(
+                default_engine=builtin.DEFAULT_CPU_ENGINE,
+                installed_languages=languages.installed_languages,
+                validate_language=languages.validate_language,
+                adding_a_language=languages.adding_a_language,
+            )
+        )

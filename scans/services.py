@@ -13,7 +13,7 @@ its running pages back to pending.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -171,9 +171,12 @@ def release_pages(*, worker_id: str, scan_id: int | None = None, numbers: Collec
 class ClaimedPage:
     page: Page  # as marked running (the fields a live event shows)
     scan_status_changed: bool  # this claim took the scan from queued to processing
+    cpu: bool = False  # its scan is read by a CPU engine (the claim's `is_cpu_scan`)
 
 
-def _candidates(scan_ids: Collection[int] | None) -> tuple[list[Candidate], dict[int, int]]:
+def _candidates(
+    scan_ids: Collection[int] | None, is_cpu_scan: Callable[[dict], bool] | None = None
+) -> tuple[list[Candidate], dict[int, int]]:
     scans = Scan.objects.filter(status__in=Scan.ACTIVE)
     if scan_ids is not None:
         scans = scans.filter(pk__in=list(scan_ids))
@@ -190,6 +193,7 @@ def _candidates(scan_ids: Collection[int] | None) -> tuple[list[Candidate], dict
         Candidate(
             scan_id=row["id"], owner_id=row["owner_id"], priority=row["priority"], created_at=row["created_at"],
             pending=row["pending"], running=row["running"], cap=_cap(row["options"]),
+            cpu=is_cpu_scan is not None and is_cpu_scan(row["options"] or {}),
         )
         for row in rows
     ]
@@ -208,17 +212,26 @@ def _cap(options: dict | None) -> int | None:
     return int(concurrency) if concurrency else None
 
 
-def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None = None) -> list[ClaimedPage]:
+def claim_pages(
+    *,
+    worker_id: str,
+    slots: int,
+    scan_ids: Collection[int] | None = None,
+    cpu_slots: int | None = None,
+    is_cpu_scan: Callable[[dict], bool] | None = None,
+) -> list[ClaimedPage]:
     """Take up to `slots` pending pages for this runner, shared fairly between users and scans
     (scans.scheduling), lowest page numbers first; `scan_ids` limits the choice (the `ocr` command's
-    own scans). Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
+    own scans). Scans for which `is_cpu_scan(scan.options)` is true take at most `cpu_slots` of the
+    slots together. Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
     if slots <= 0:
         return []
     now = timezone.now()
     claimed: list[ClaimedPage] = []
     with transaction.atomic():
-        candidates, by_owner = _candidates(scan_ids)
-        for scan_id, count in allocate(slots, candidates, by_owner).items():
+        candidates, by_owner = _candidates(scan_ids, is_cpu_scan)
+        cpu_scans = {candidate.scan_id for candidate in candidates if candidate.cpu}
+        for scan_id, count in allocate(slots, candidates, by_owner, cpu_slots=cpu_slots).items():
             numbers = list(
                 Page.objects.select_for_update(skip_locked=True)
                 .filter(scan_id=scan_id, status=Page.Status.PENDING)
@@ -235,7 +248,10 @@ def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None 
             if started:
                 publish_scan_on_commit(scan_id)
             pages = Page.objects.filter(scan_id=scan_id, number__in=numbers, worker_id=worker_id, status=Page.Status.RUNNING)
-            claimed += [ClaimedPage(page, bool(started)) for page in pages.only(*PAGE_STATE_FIELDS).order_by("number")]
+            claimed += [
+                ClaimedPage(page, bool(started), scan_id in cpu_scans)
+                for page in pages.only(*PAGE_STATE_FIELDS).order_by("number")
+            ]
     return claimed
 
 
