@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from scans.pipeline.languages import DEFAULT_LANGUAGE
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
 
@@ -30,8 +31,8 @@ class OCRConfig:
     # Sent with every chat request beside ocrsite's own fields (which it never overrides), e.g.
     # {"chat_template_kwargs": {"enable_thinking": false}} to turn a reasoning model's thinking off.
     extra_body: Mapping[str, Any] = field(default_factory=dict)
-    cpu_engine: str = ""  # what "Built-in (CPU)" and "builtin" mean: "tesseract" | "rapidocr"; "" the default
-    language: str = "eng"  # Tesseract's language codes, "+"-joined (scans.pipeline.languages)
+    cpu_engine: str = ""  # what Built-in (CPU) mode and "builtin" read with: "tesseract" | "rapidocr" | "" (default)
+    language: str = DEFAULT_LANGUAGE  # Tesseract's language codes, "+"-joined (scans.pipeline.languages)
 
 
 def ocr_config(row: VLMSettings) -> OCRConfig:
