@@ -111,11 +111,11 @@ async def test_a_cpu_scan_holds_only_what_the_cores_can_read_and_cancel_drops_th
     gate, outcomes = held_pages
     pool, limit = cpu_pool(), claim_limit()
     assert limit == pool.size + LOOKAHEAD
-    await sync_to_async(save_settings)(mode="builtin", max_in_flight=16)
+    await sync_to_async(save_settings)(mode="builtin", max_in_flight=limit + 8)
     total = limit + 6
     scan = await sync_to_async(line_scan)(owner, tmp_path, "long.pdf", [f"Page {n}" for n in range(1, total + 1)])
     started_before = pool.started
-    runner = Runner()  # the settings' budget: 16 pages in flight
+    runner = Runner()  # the settings' budget: room for every page of the scan
     task = asyncio.create_task(runner.run_scan(scan.pk))
 
     # Every core holds a page, LOOKAHEAD more are rendered and queued for a core, the rest wait in the
