@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.core.management import CommandError, call_command
 
 from scans import services
 from scans.models import Page, Scan, Worker
@@ -22,11 +23,10 @@ from scans.pipeline import tesseract_engine
 from scans.pipeline.cpu import LOOKAHEAD, JobCancelled, claim_limit, cpu_pool
 from scans.pipeline.runner import Runner
 from scans.uploads import create_scan_from_path
+from tests.conftest import stored_files
 from tests.scans.conftest import new_scan, use_external
 from tests.scans.ocr_corpus import image_only_pdf, make_born_digital_pdf, render_pdf_pages
-from tests.scans.ocr_processes import query
 from tests.scans.test_cpu_pool import SAFETY_S, Gate
-from tests.support import manage, project_env
 from vllm_control.models import VLMSettings
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(180)]
@@ -191,12 +191,12 @@ async def test_each_scan_is_read_with_its_engine_and_language(owner, tmp_path):
     assert "To add it" in scans[gone.pk].error
 
 
-def test_the_ocr_command_refuses_a_language_that_is_not_installed_before_queueing_anything(tmp_path, data_dir):
+def test_the_ocr_command_refuses_a_language_that_is_not_installed_before_queueing_anything(tmp_path, settings):
     pdf = line_pdf(tmp_path / "letter.pdf", ["Bonjour"])
-    result = manage(["ocr", str(pdf), "--engine", "tesseract", "--lang", "eng+fra", "--out", str(tmp_path)], project_env(data_dir))
-    assert result.returncode == 1
-    assert "Tesseract language fra is not installed (installed in" in result.stderr
-    assert "To add it: copy fra.traineddata" in result.stderr
-    assert query(data_dir, "SELECT COUNT(*) FROM scans_scan") == [(0,)]
-    assert not (data_dir / "media").exists() or not any((data_dir / "media").rglob("*.*"))
-    assert not (tmp_path / "letter.md").exists()
+    with pytest.raises(CommandError) as refused:
+        call_command("ocr", str(pdf), "--engine", "tesseract", "--lang", "eng+fra", "--out", str(tmp_path / "out"))
+    assert str(refused.value).startswith("Tesseract language fra is not installed (installed in")
+    assert "To add it: copy fra.traineddata" in str(refused.value)
+    assert Scan.objects.count() == 0
+    assert stored_files(settings.MEDIA_ROOT) == []
+    assert not (tmp_path / "out" / "letter.md").exists()
