@@ -81,11 +81,9 @@ class VLMSettingsForm(forms.ModelForm):
         self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
         support = cpu_engine_support()
         self.fields["cpu_engine"].choices = [("", f"Default ({support.default_engine})"), *CPUEngine.choices]
+        language = self.fields["language"]
         installed = ", ".join(support.installed_languages()) or "none"
-        self.fields["language"].help_text = (
-            f"Tesseract's language codes, several joined by + (eng+deu); RapidOCR and VLMs ignore it. "
-            f"Installed: {installed}. {support.adding_a_language()}"
-        )
+        language.help_text = f"{language.help_text} Installed: {installed}. {support.adding_a_language()}"
 
     def secret_rows(self) -> dict[str, forms.BoundField]:
         return {name: self[f"clear_{name}"] for name in VLMSettings.SECRET_FIELDS}
