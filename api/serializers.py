@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from rest_framework import serializers
 
 from api import targets, webhooks
 from scans.models import Scan
+from scans.pipeline import languages
+from scans.pipeline.engines import ENGINE_CHOICES
 from scans.uploads import SUPPORTED
 from vllm_control.models import PromptPreset
 
 # The per-scan choices `manage.py ocr` offers: a custom prompt is a setting, not a per-scan option.
 PROMPTS = tuple(preset for preset in PromptPreset.values if preset != PromptPreset.CUSTOM)
-ENGINES = ("vllm", "builtin")  # what scans.pipeline.engines.build_engine accepts
-# Tesseract's language strings: codes of its trained data (eng, deu, chi_sim), several joined by "+".
-LANGUAGE = re.compile(r"\A[A-Za-z][A-Za-z0-9_]*(\+[A-Za-z][A-Za-z0-9_]*)*\Z")
 
 
 class UploadSerializer(serializers.Serializer):
@@ -28,11 +26,14 @@ class UploadSerializer(serializers.Serializer):
     )
     prompt = serializers.ChoiceField(choices=PROMPTS, required=False, help_text="Prompt preset (default: the settings').")
     engine = serializers.ChoiceField(
-        choices=ENGINES, required=False, help_text="vllm (the model server) or builtin (CPU); default: the configured mode."
+        choices=ENGINE_CHOICES, required=False,
+        help_text="vllm (the model server), tesseract or rapidocr (CPU), or builtin (the CPU engine chosen in the "
+        "settings); default: the configured mode.",
     )
-    language = serializers.RegexField(
-        LANGUAGE, max_length=64, required=False,
-        help_text="Language of the text, as Tesseract's codes (eng, deu, eng+deu); used by engines that take one.",
+    language = serializers.CharField(
+        max_length=100, required=False,
+        help_text="Language of the text, as Tesseract's codes (eng, deu, eng+deu); it must be installed. Used by "
+        "Tesseract; RapidOCR and VLMs ignore it.",
     )
     priority = serializers.ChoiceField(
         choices=Scan.Priority.choices, default=Scan.Priority.NORMAL,
@@ -49,6 +50,12 @@ class UploadSerializer(serializers.Serializer):
         if unknown:
             raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
         return super().to_internal_value(data)
+
+    def validate_language(self, value: str) -> str:
+        try:
+            return languages.validate_language(value)
+        except languages.LanguageError as exc:
+            raise serializers.ValidationError(str(exc)) from None
 
     def validate_callback_url(self, value: str) -> str:
         try:

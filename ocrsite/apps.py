@@ -2,6 +2,7 @@ from django.apps import AppConfig
 from django.contrib.auth.signals import user_logged_out
 
 from ocrsite.live import close_sockets_on_logout
+from vllm_control import cpu_engines
 
 
 class OcrsiteConfig(AppConfig):
@@ -12,3 +13,15 @@ class OcrsiteConfig(AppConfig):
 
     def ready(self) -> None:
         user_logged_out.connect(close_sockets_on_logout, dispatch_uid="ocrsite.live.close_sockets_on_logout")
+
+        from scans.pipeline import builtin, languages
+
+        # The settings (vllm_control) offer and check the CPU engines' languages without importing scans.
+        cpu_engines.register(
+            cpu_engines.CPUEngineSupport(
+                default_engine=builtin.DEFAULT_CPU_ENGINE,
+                installed_languages=languages.installed_languages,
+                validate_language=languages.validate_language,
+                adding_a_language=languages.adding_a_language,
+            )
+        )

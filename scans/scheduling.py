@@ -8,6 +8,10 @@ weight is 4**priority (`Scan.Priority`); a user's is the weight of their heavies
 scan gets four slots for every one of a normal scan, and no waiting scan is ever starved: every slot
 given to the others raises their share. The counts are global (every runner's pages, read from the
 database), so several runners together keep the same rules.
+
+Scans read by a CPU engine also share the runner's own CPU room (`cpu_slots`: what its process's cores
+can read at once, less what it already holds of such scans): once that is taken, the remaining slots go
+to the other scans only.
 """
 
 from __future__ import annotations
@@ -31,24 +35,30 @@ class Candidate:
     running: int  # pages in flight, on any runner
     cap: int | None = None  # most pages of this scan in flight at once (its `concurrency` option)
     queued: bool = False  # not started yet (its first claim starts it)
+    cpu: bool = False  # read by a CPU engine: counts against `cpu_slots`
 
 
 def weight(priority: int) -> float:
     return float(PRIORITY_BASE**priority)
 
 
-def allocate(slots: int, candidates: Iterable[Candidate], running_by_owner: dict[int, int]) -> dict[int, int]:
+def allocate(
+    slots: int, candidates: Iterable[Candidate], running_by_owner: dict[int, int], *, cpu_slots: int | None = None
+) -> dict[int, int]:
     """How many of `slots` free slots each scan gets: {scan_id: pages to claim}.
 
-    `running_by_owner` counts every page in flight per user, including scans with nothing waiting."""
+    `running_by_owner` counts every page in flight per user, including scans with nothing waiting.
+    `cpu_slots` (None: no limit) is the most of them that scans with `cpu` set get together."""
     scans = {c.scan_id: c for c in candidates if c.pending > 0}
     running = {c.scan_id: c.running for c in scans.values()}
     owners = dict(running_by_owner)
     granted: dict[int, int] = {}
+    cpu_left = cpu_slots
     for _ in range(slots):
         open_scans = [
             c for c in scans.values()
             if granted.get(c.scan_id, 0) < c.pending and (c.cap is None or running[c.scan_id] < c.cap)
+            and not (c.cpu and cpu_left is not None and cpu_left <= 0)
         ]
         if not open_scans:
             break
@@ -62,5 +72,7 @@ def allocate(slots: int, candidates: Iterable[Candidate], running_by_owner: dict
         )
         granted[scan.scan_id] = granted.get(scan.scan_id, 0) + 1
         running[scan.scan_id] += 1
+        if scan.cpu and cpu_left is not None:
+            cpu_left -= 1
         owners[owner] = owners.get(owner, 0) + 1
     return granted

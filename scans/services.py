@@ -13,7 +13,7 @@ its running pages back to pending.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -171,9 +171,12 @@ def release_pages(*, worker_id: str, scan_id: int | None = None, numbers: Collec
 class ClaimedPage:
     page: Page  # as marked running (the fields a live event shows)
     scan_status_changed: bool  # this claim took the scan from queued to processing
+    cpu: bool = False  # its scan is read by a CPU engine (the claim's `is_cpu_scan`)
 
 
-def _candidates(scan_ids: Collection[int] | None, slots: int) -> tuple[list[Candidate], dict[int, int]]:
+def _candidates(
+    scan_ids: Collection[int] | None, slots: int, is_cpu_scan: Callable[[dict], bool] | None = None
+) -> tuple[list[Candidate], dict[int, int]]:
     """The active scans with pages waiting (limited to `scan_ids` if given) and every user's pages in
     flight. Cheap at any queue length: an aggregate over the running pages only, and an index seek per
     scan for whether it has a page waiting (how many does not matter beyond `slots`)."""
@@ -193,6 +196,7 @@ def _candidates(scan_ids: Collection[int] | None, slots: int) -> tuple[list[Cand
         Candidate(
             scan_id=scan_id, owner_id=owner, priority=priority, created_at=created_at, pending=slots,
             running=running_by_scan.get(scan_id, 0), cap=_cap(options), queued=status == Scan.Status.QUEUED,
+            cpu=is_cpu_scan is not None and is_cpu_scan(options or {}),
         )
         for scan_id, owner, priority, created_at, options, status in rows[:1000]
     ]
@@ -204,16 +208,24 @@ def _cap(options: dict | None) -> int | None:
     return int(concurrency) if concurrency else None
 
 
-def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None = None) -> list[ClaimedPage]:
+def claim_pages(
+    *,
+    worker_id: str,
+    slots: int,
+    scan_ids: Collection[int] | None = None,
+    cpu_slots: int | None = None,
+    is_cpu_scan: Callable[[dict], bool] | None = None,
+) -> list[ClaimedPage]:
     """Take up to `slots` pending pages for this runner, shared fairly between users and scans
     (scans.scheduling), lowest page numbers first; `scan_ids` limits the choice (the `ocr` command's
-    own scans). Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
+    own scans). Scans for which `is_cpu_scan(scan.options)` is true take at most `cpu_slots` of the
+    slots together. Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
     now = timezone.now()
     claimed: list[ClaimedPage] = []
     with transaction.atomic():
-        candidates, by_owner = _candidates(scan_ids, slots)
+        candidates, by_owner = _candidates(scan_ids, slots, is_cpu_scan)
         while slots > 0 and candidates:
-            granted = allocate(slots, candidates, by_owner)
+            granted = allocate(slots, candidates, by_owner, cpu_slots=cpu_slots)
             taken = {}
             for candidate in candidates:
                 if candidate.scan_id in granted:
@@ -221,6 +233,8 @@ def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None 
                     taken[candidate.scan_id] = len(pages)
                     claimed += pages
             slots -= sum(taken.values())
+            if cpu_slots is not None:
+                cpu_slots -= sum(taken.get(c.scan_id, 0) for c in candidates if c.cpu)
             # A scan with fewer pages waiting than it was granted leaves the rest to the others.
             exhausted = {scan_id for scan_id, count in taken.items() if count < granted[scan_id]}
             if not exhausted:
@@ -257,7 +271,7 @@ def _claim_from(candidate: Candidate, count: int, worker_id: str, now) -> list[C
         publish_scan_on_commit(scan_id)
     for page in pages:  # as just written
         page.status, page.worker_id, page.started_at, page.attempts = Page.Status.RUNNING, worker_id, now, 1
-    return [ClaimedPage(page, bool(started)) for page in pages]
+    return [ClaimedPage(page, bool(started), candidate.cpu) for page in pages]
 
 
 # --- page results ----------------------------------------------------------------------------------

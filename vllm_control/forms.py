@@ -7,7 +7,8 @@ from django import forms
 from django.core.exceptions import ImproperlyConfigured
 
 from vllm_control.config import normalize_base_url, parse_signal
-from vllm_control.models import VLMSettings
+from vllm_control.cpu_engines import cpu_engine_support
+from vllm_control.models import CPUEngine, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
 URL_FIELDS = ("base_url", "external_base_url")
@@ -21,6 +22,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "autostart", "hf_token", "local_api_key",
     ),
     "External server": ("external_base_url", "external_api_key"),
+    "Built-in (CPU)": ("cpu_engine", "language"),
     "OCR": (
         "prompt_preset", "custom_prompt", "target_longest_side", "image_format", "max_tokens",
         "temperature", "page_retries", "max_in_flight", "request_timeout_s", "extra_body",
@@ -72,6 +74,7 @@ class VLMSettingsForm(forms.ModelForm):
             "request_timeout_s": "Request timeout (s)",
             "max_in_flight": "Max requests in flight",
             "extra_body": "Extra request body (JSON)",
+            "cpu_engine": "CPU engine",
         }
 
     def __init__(self, *args, **kwargs) -> None:
@@ -82,6 +85,11 @@ class VLMSettingsForm(forms.ModelForm):
         self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
         for name in URL_FIELDS:
             self.initial[name] = redact_urls(self.initial.get(name) or "")
+        support = cpu_engine_support()
+        self.fields["cpu_engine"].choices = [("", f"Default ({support.default_engine})"), *CPUEngine.choices]
+        language = self.fields["language"]
+        installed = ", ".join(support.installed_languages()) or "none"
+        language.help_text = f"{language.help_text} Installed: {installed}. {support.adding_a_language()}"
 
     def secret_rows(self) -> dict[str, forms.BoundField]:
         return {name: self[f"clear_{name}"] for name in VLMSettings.SECRET_FIELDS}
@@ -121,6 +129,12 @@ class VLMSettingsForm(forms.ModelForm):
                 f"{'it' if len(reserved) == 1 else 'them'} from the extra request body."
             )
         return value
+
+    def clean_language(self) -> str:
+        try:
+            return cpu_engine_support().validate_language(self.cleaned_data["language"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
 
     def _clean_url(self, name: str) -> str:
         value = self.cleaned_data[name].strip()

@@ -18,6 +18,17 @@ class PromptPreset(models.TextChoices):
     CUSTOM = "custom", "Custom prompt"
 
 
+class CPUEngine(models.TextChoices):
+    """The built-in CPU engines, by the names scans.pipeline.builtin.CPU_ENGINES gives them (a test keeps
+    the two equal: this app cannot import that one)."""
+
+    TESSERACT = "tesseract", "Tesseract (100+ languages, word boxes)"
+    RAPIDOCR = "rapidocr", "RapidOCR (Chinese and English)"
+
+
+DEFAULT_LANGUAGE = "eng"  # scans.pipeline.languages.DEFAULT_LANGUAGE (a test keeps the two equal)
+
+
 class ImageFormat(models.TextChoices):
     PNG = "png", "PNG"
     JPEG = "jpeg", "JPEG"
@@ -77,6 +88,16 @@ class VLMSettings(models.Model):
         help_text='A JSON object sent with every page request, e.g. {"chat_template_kwargs": {"enable_thinking": '
         "false}} to turn a reasoning model's thinking off (Qwen3, GLM-4.5V), or sampling options such as "
         '{"repetition_penalty": 1.05}. It cannot replace the fields ocrsite sets itself.',
+    )
+
+    # Built-in (CPU) engines
+    cpu_engine = models.CharField(
+        max_length=10, choices=CPUEngine.choices, blank=True,
+        help_text="What Built-in (CPU) mode and the engine name builtin use; blank: the default.",
+    )
+    language = models.CharField(
+        max_length=100, default=DEFAULT_LANGUAGE,
+        help_text="Tesseract's language codes, several joined by + (eng+deu); RapidOCR and VLMs ignore it.",
     )
 
     updated_at = models.DateTimeField(auto_now=True)

@@ -6,9 +6,14 @@ pages being recognized. A page waits in a first-come queue for a free core; what
 caller's coroutine (with the page image it already holds), never a job queued in a thread pool, so:
 
 - a cancelled `run()` whose work has not started is removed from the queue at once and never starts;
-- work already running cannot be interrupted (the native code has no safe stop), so it finishes its
-  page, and its core is handed to the next waiter only then; the cancelled caller returns at once;
+- work already running cannot be interrupted inside native code (it has no safe stop); it stops at its
+  next `checkpoint()` (the engines call one between their stages, e.g. between recognition batches),
+  raising JobCancelled there, and its core is handed to the next waiter only then; the cancelled caller
+  returns at once;
 - memory is bounded by the running pages (one decoded image each) plus what callers hold themselves.
+
+Runners hold at most `claim_limit()` pages of CPU-engine scans at once (the cores plus LOOKAHEAD), so
+pages wait in the database, not as rendered images in this queue.
 
 The queue works across event loops and threads (the runner, `manage.py ocr` and tests each have their
 own loop): a freed core wakes the next waiter through its own loop.
@@ -26,6 +31,25 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Pages rendered ahead and waiting for a core, so a core that frees up never waits for a rendering
+# (rendering a page takes tens of milliseconds; reading it, about a second).
+LOOKAHEAD = 2
+
+
+class JobCancelled(Exception):
+    """Raised inside a job at a `checkpoint()` once its caller has given up on it."""
+
+
+_job = threading.local()
+
+
+def checkpoint() -> None:
+    """Call between the stages of a long job: raises JobCancelled when the caller of `CPUPool.run` was
+    cancelled (the rest of the work would be thrown away). Does nothing outside a pool's job."""
+    cancelled: threading.Event | None = getattr(_job, "cancelled", None)
+    if cancelled is not None and cancelled.is_set():
+        raise JobCancelled
 
 
 def usable_cores() -> int:
@@ -81,20 +105,30 @@ class CPUPool:
         """Wait for a free core, then run `fn(*args)` in a worker thread and return its result.
 
         Cancelled while waiting: leaves the queue, `fn` never runs. Cancelled while running: raises
-        CancelledError at once; `fn` finishes in its thread and only then frees its core."""
+        CancelledError at once; `fn` goes on in its thread until it ends or reaches a `checkpoint()`,
+        and only then frees its core."""
         await self._acquire()
+        cancelled = threading.Event()
         try:
-            job = self._executor.submit(self._call, fn, args)
+            job = self._executor.submit(self._call, fn, args, cancelled)
         except BaseException:
             self._release()
             raise
         job.add_done_callback(self._job_done)
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
-    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...], cancelled: threading.Event) -> T:
         with self._lock:
             self._started += 1
-        return fn(*args)
+        _job.cancelled = cancelled
+        try:
+            return fn(*args)
+        finally:
+            _job.cancelled = None
 
     def _job_done(self, job: Future[Any]) -> None:
         self._release()
@@ -133,6 +167,12 @@ class CPUPool:
 
 _pool: CPUPool | None = None
 _pool_lock = threading.Lock()
+
+
+def claim_limit() -> int:
+    """How many pages of CPU-engine scans one runner holds at once: one per core of the process's pool
+    plus LOOKAHEAD (scans.pipeline.runner)."""
+    return cpu_pool().size + LOOKAHEAD
 
 
 def cpu_pool() -> CPUPool:

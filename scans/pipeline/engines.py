@@ -1,13 +1,43 @@
-"""Which engine OCRs the pages: the effective configuration, optionally overridden (e.g. by command options)."""
+"""Which engine OCRs a scan's pages: the effective configuration, optionally overridden per scan (its
+options, e.g. from `manage.py ocr --engine`, the API's `engine`)."""
 
 from __future__ import annotations
 
-from scans.pipeline.builtin import BuiltinEngine
+from scans.pipeline.builtin import BUILTIN, CPU_ENGINES, build_cpu_engine, resolve_cpu_engine
 from scans.pipeline.errors import PermanentEngineError
-from scans.pipeline.options import OCRConfig
+from scans.pipeline.options import OCRConfig, ScanOptions
 from scans.pipeline.types import Engine
 from scans.pipeline.vllm_engine import VLLMEngine
 from vllm_control.config import EffectiveConfig
+
+VLLM = "vllm"
+# What a scan's `engine` option may say: an engine, or "builtin" for the configured CPU engine.
+ENGINE_CHOICES = (VLLM, *CPU_ENGINES, BUILTIN)
+
+
+def engine_name(options: ScanOptions, *, mode: str, cpu_engine: str = "") -> str:
+    """The engine that reads a scan's pages: "vllm", "tesseract" or "rapidocr".
+
+    The scan's own `engine` option; else "vllm" when the scan names a server (`base_url`); else the
+    mode's: Built-in (CPU) -> the configured CPU engine (`cpu_engine`, the setting; blank: the default),
+    Local and External -> "vllm". "builtin" also means the configured CPU engine. Raises
+    PermanentEngineError for any other name."""
+    name = options.engine or (VLLM if options.base_url else (BUILTIN if mode == "builtin" else VLLM))
+    if name == VLLM:
+        return name
+    try:
+        return resolve_cpu_engine(name, configured=cpu_engine)
+    except ValueError as exc:
+        raise PermanentEngineError(str(exc)) from None
+
+
+def reads_on_cpu(options: ScanOptions, *, mode: str) -> bool:
+    """Whether a CPU engine reads the scan (`engine_name`'s rule); False for an unknown engine name
+    (the scan fails when it is prepared)."""
+    try:
+        return engine_name(options, mode=mode) != VLLM
+    except PermanentEngineError:
+        return False
 
 
 def build_engine(
@@ -20,12 +50,12 @@ def build_engine(
     api_key: str | None = None,
     max_in_flight: int | None = None,
 ) -> Engine:
-    """`engine` None follows the configured mode, except that an explicit `base_url` means vLLM."""
-    kind = engine or ("vllm" if base_url else ("builtin" if config.mode == "builtin" else "vllm"))
-    if kind == "builtin":
-        return BuiltinEngine(max_workers=max_in_flight)
-    if kind != "vllm":
-        raise ValueError(f"Unknown engine {kind!r} (expected 'vllm' or 'builtin').")
+    """The engine `engine_name` picks for these overrides (None: the configuration's). A CPU engine reads
+    `ocr.language`. Raises PermanentEngineError (the scan cannot be read: an unknown engine, a language
+    that is not installed, no vLLM server URL)."""
+    name = engine_name(ScanOptions(engine=engine, base_url=base_url), mode=config.mode, cpu_engine=ocr.cpu_engine)
+    if name in CPU_ENGINES:
+        return build_cpu_engine(name, language=ocr.language)
     url = base_url or config.base_url
     if not url:
         raise PermanentEngineError("No vLLM server URL is configured: set one in the settings or pass --base-url.")

@@ -58,6 +58,16 @@ def how_to_add(code: str, folder: Path | None = None) -> str:
     )
 
 
+def adding_a_language(folder: Path | None = None) -> str:
+    """How to install any language's trained data, in one sentence (the settings page shows it)."""
+    folder = folder or tessdata_dir()
+    return (
+        f"To add a language: `pip install tessdata.fast-<code>` in ocrsite's Python environment (PyPI has "
+        f"{', '.join(PIP_LANGUAGES)}), or copy <code>.traineddata from the tesseract-ocr/tessdata_fast "
+        f"repository into {folder}."
+    )
+
+
 def validate_language(language: str, folder: Path | None = None) -> str:
     """The language string normalized (`" eng + deu "` -> `"eng+deu"`, repeats dropped).
 

@@ -1,4 +1,5 @@
-"""OCR options: how a page is read (prompt, image size, sampling, retries, requests in flight).
+"""OCR options: how a page is read (prompt, image size, sampling, retries, requests in flight, the CPU
+engine and its language).
 
 Their effective values come from the one settings row (`vllm_control.models.VLMSettings` keeps them
 beside the model-server options, so the settings page edits both), and each scan may override some of
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from scans.pipeline.languages import DEFAULT_LANGUAGE
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
 from vllm_control.redaction import redact_urls
@@ -35,6 +37,8 @@ class OCRConfig:
     # Sent with every chat request beside ocrsite's own fields (which it never overrides), e.g.
     # {"chat_template_kwargs": {"enable_thinking": false}} to turn a reasoning model's thinking off.
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    cpu_engine: str = ""  # what Built-in (CPU) mode and "builtin" read with: "tesseract" | "rapidocr" | "" (default)
+    language: str = DEFAULT_LANGUAGE  # Tesseract's language codes, "+"-joined (scans.pipeline.languages)
 
 
 def ocr_config(row: VLMSettings) -> OCRConfig:
@@ -57,7 +61,8 @@ class ScanOptions:
     base_url: str | None = None  # normalized, ends with /v1
     api_key: str | None = None
     concurrency: int | None = None
-    engine: str | None = None
+    engine: str | None = None  # "vllm" | "tesseract" | "rapidocr" | "builtin" (the configured CPU engine)
+    language: str | None = None  # Tesseract's language codes, e.g. "eng+deu"
 
     @classmethod
     def from_scan(cls, options: dict) -> ScanOptions:
@@ -69,10 +74,13 @@ class ScanOptions:
             api_key=options.get("api_key") or None,
             concurrency=int(concurrency) if concurrency else None,
             engine=options.get("engine") or None,
+            language=options.get("language") or None,
         )
 
     def apply(self, ocr: OCRConfig) -> OCRConfig:
-        return replace(ocr, prompt_preset=self.prompt) if self.prompt else ocr
+        if self.prompt:
+            ocr = replace(ocr, prompt_preset=self.prompt)
+        return replace(ocr, language=self.language) if self.language else ocr
 
 
 def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:

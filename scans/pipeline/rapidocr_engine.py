@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scans.pipeline.cpu import cpu_pool
+from scans.pipeline.cpu import checkpoint, cpu_pool
 from scans.pipeline.reading_order import PageReading, TextBox, reading_order, span_bbox
 from scans.pipeline.types import PageImage, PageResult, WordBox
 
@@ -275,6 +275,24 @@ def _line_box(box: np.ndarray, text: str, score: float, centers: list[float] | N
     return TextBox(points, text, score, words)  # type: ignore[arg-type]
 
 
+def _recognize_lines(ocr: RapidOCR, crops: list[np.ndarray]) -> list[Any]:
+    """`ocr.text_rec(crops, return_word_box=True)`'s results, in the order of `crops`, one batch of
+    recognition at a time with a cpu.checkpoint() before each, so a cancelled page stops within a batch.
+    The crops go in the order RapidOCR batches them itself (by aspect ratio), so every batch, and
+    therefore every result, is the one a single call gives."""
+    import numpy as np
+
+    order = np.argsort([crop.shape[1] / crop.shape[0] for crop in crops], kind="stable")
+    batch = ocr.text_rec.rec_batch_num
+    results: list[Any] = [None] * len(crops)
+    for start in range(0, len(order), batch):
+        checkpoint()
+        indices = order[start : start + batch]
+        for index, result in zip(indices, ocr.text_rec([crops[i] for i in indices], return_word_box=True)[0]):
+            results[index] = result
+    return results
+
+
 def recognize(image: np.ndarray) -> PageReading:
     """OCR one page image (BGR array): orientation, detection, recognition, spaces, reading order."""
     import cv2
@@ -284,6 +302,7 @@ def recognize(image: np.ndarray) -> PageReading:
     rotation = 0
     turned_quarter = turned_half = False
     while True:
+        checkpoint()
         height, width = image.shape[:2]
         boxes = _detect(ocr, image)
         if not boxes:
@@ -299,7 +318,7 @@ def recognize(image: np.ndarray) -> PageReading:
             continue
         break
 
-    recognized = ocr.text_rec(crops, return_word_box=True)[0]
+    recognized = _recognize_lines(ocr, crops)
     lines = []
     for box, crop, (text, score, word_info) in zip(boxes, crops, recognized):
         if score < ocr.text_score or not text.strip():

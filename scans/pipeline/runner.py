@@ -32,7 +32,8 @@ from ocrsite.env import env_int
 from scans import metrics, progress, selectors, services
 from scans.models import Page, Scan
 from scans.pipeline import queue_signals
-from scans.pipeline.engines import build_engine
+from scans.pipeline.cpu import claim_limit
+from scans.pipeline.engines import VLLM, build_engine, engine_name, reads_on_cpu
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig, ScanOptions, aocr_config
 from scans.pipeline.page_ocr import ocr_page_with_retries
@@ -40,7 +41,7 @@ from scans.pipeline.page_source import PageSource
 from scans.pipeline.render import RENDER_THREADS, pdf_page_text
 from scans.pipeline.types import Engine, PageImage, PageResult, RenderFailure
 from vllm_control import runtime
-from vllm_control.config import EffectiveConfig, aresolve_config
+from vllm_control.config import EffectiveConfig, aresolve_config, resolve_config
 from vllm_control.errors import ModelServerUnavailable
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ class Runner:
         self._capacity = 0
         self._only: set[int] | None = None  # run_scans: the scans this runner may claim pages of
         self._tasks: dict[tuple[int, int], asyncio.Task] = {}  # (scan id, page number) -> its task
+        # Of those, the pages a CPU engine reads: at most cpu.claim_limit() (the process's cores plus a
+        # look-ahead), so the rest wait in the database rather than as rendered images for a core.
+        self._cpu_pages: set[tuple[int, int]] = set()
+        self._mode = "builtin"  # the configured mode (which scans a CPU engine reads), refreshed by _poll
         self._works: dict[int, asyncio.Future[_ScanWork]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -269,6 +274,7 @@ class Runner:
 
     async def _poll(self) -> None:
         try:
+            self._mode = (await _db(resolve_config)).mode
             await _db(services.heartbeat_worker, worker_id=self.worker_id)
             await _db(services.recover_stale_workers, stale_after=stale_after())
             await _db(services.finish_completed_scans)
@@ -303,13 +309,21 @@ class Runner:
             return -1
         if self._only is not None and not self._only:
             return 0
-        claims = await sync_to_async(services.claim_pages)(worker_id=self.worker_id, slots=free, scan_ids=self._only)
+        claims = await sync_to_async(services.claim_pages)(
+            worker_id=self.worker_id, slots=free, scan_ids=self._only,
+            cpu_slots=max(0, claim_limit() - len(self._cpu_pages)), is_cpu_scan=self._is_cpu_scan,
+        )
         for claim in claims:
             page = claim.page
+            if claim.cpu:
+                self._cpu_pages.add((page.scan_id, page.number))
             self._tasks[(page.scan_id, page.number)] = asyncio.create_task(
                 self._page(page), name=f"page-{page.scan_id}-{page.number}"
             )
         return len(claims)
+
+    def _is_cpu_scan(self, options: dict) -> bool:
+        return reads_on_cpu(ScanOptions.from_scan(options), mode=self._mode)
 
     def _report_failure(self, config: EffectiveConfig) -> None:
         """A page failed: let the model server's status check its health now (at most every 10 s)."""
@@ -346,19 +360,19 @@ class Runner:
         options = ScanOptions.from_scan(scan.options or {})
         config = await aresolve_config()
         ocr = options.apply(await aocr_config())
-        engine_name = options.engine or ("builtin" if config.mode == "builtin" else "vllm")
-        if engine_name == "vllm" and not options.base_url:
+        name = engine_name(options, mode=config.mode, cpu_engine=ocr.cpu_engine)
+        if name == VLLM and not options.base_url:
             try:
                 await runtime.ensure_ready(config)
             except ModelServerUnavailable as exc:
                 raise _ScanFailed(exc.message) from None
         api_key = self.secrets.get(scan_id) or options.api_key
-        key = (options.engine, options.base_url, options.model, api_key, config.base_url, config.api_key, ocr.request_timeout_s)
+        key = (name, ocr.language, options.base_url, options.model, api_key, config.base_url, config.api_key, ocr.request_timeout_s)
         engine = self._engines.get(key)
         if engine is None:
             try:
                 engine = build_engine(
-                    config, ocr, engine=options.engine, base_url=options.base_url, model=options.model,
+                    config, ocr, engine=name, base_url=options.base_url, model=options.model,
                     api_key=api_key, max_in_flight=self._capacity,
                 )
             except PermanentEngineError as exc:
@@ -415,6 +429,7 @@ class Runner:
                 await asyncio.shield(self._committer.submit(scan_id, number, failure))
         finally:
             self._tasks.pop((scan_id, number), None)
+            self._cpu_pages.discard((scan_id, number))
             if not handed_over:
                 await asyncio.shield(
                     sync_to_async(services.release_pages)(worker_id=self.worker_id, scan_id=scan_id, numbers=[number])

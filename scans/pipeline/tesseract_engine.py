@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from scans.pipeline.cpu import cpu_pool
+from scans.pipeline.cpu import checkpoint, cpu_pool
 from scans.pipeline.languages import DEFAULT_LANGUAGE, LanguageError, tessdata_dir, validate_language
 from scans.pipeline.reading_order import PageReading, TextBox, block_reading_order
 from scans.pipeline.types import PageImage, PageResult, WordBox
@@ -189,18 +189,24 @@ def _turn(tessdata: str, image: Image.Image) -> int:
 
 
 def read_page(data: bytes, tessdata: str, language: str) -> PageReading:
-    """OCR one encoded page image (runs in a worker thread). Raises ValueError if it cannot be decoded."""
+    """OCR one encoded page image (runs in a worker thread). Raises ValueError if it cannot be decoded,
+    cpu.JobCancelled between Tesseract's passes when the page was cancelled meanwhile."""
     image = decode_image(data)
     api = _api(tessdata, language)
-    read, rotation = _read(api, image), 0
-    if read.words and not _upright(read):
-        turn = _turn(tessdata, image)
-        if turn:
-            turned = image.rotate(-turn, expand=True)  # PIL turns counter-clockwise
-            again = _read(api, turned)
-            if _upright(again) or again.mean_confidence > read.mean_confidence:
-                read, rotation, image = again, turn, turned
-    api.Clear()  # the page's recognition results; the loaded language stays
+    try:
+        checkpoint()
+        read, rotation = _read(api, image), 0
+        if read.words and not _upright(read):
+            checkpoint()
+            turn = _turn(tessdata, image)
+            if turn:
+                checkpoint()
+                turned = image.rotate(-turn, expand=True)  # PIL turns counter-clockwise
+                again = _read(api, turned)
+                if _upright(again) or again.mean_confidence > read.mean_confidence:
+                    read, rotation, image = again, turn, turned
+    finally:
+        api.Clear()  # the page's recognition results; the loaded language stays
     return PageReading(block_reading_order(read.blocks, paragraph_gap=PARAGRAPH_GAP), image.width, image.height, rotation)
 
 

@@ -102,9 +102,9 @@ class PageResult:
 
 class Engine(Protocol):
     """Turns one page image into text. Implementations: the vLLM (OpenAI-compatible) engine and the
-    built-in CPU engine. Engines without sampling ignore `temperature` (None: the configured one)."""
+    CPU engines (Tesseract, RapidOCR). Engines without sampling ignore `temperature` (None: the configured one)."""
 
-    name: str  # "vllm" | "builtin"
+    name: str  # "vllm" | "tesseract" | "rapidocr"
     model: str
 
     async def ocr_page(self, image: PageImage, options: OCRConfig, *, temperature: float | None = None) -> PageResult: ...

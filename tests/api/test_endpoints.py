@@ -97,7 +97,10 @@ def test_an_upload_whose_every_file_is_rejected_is_a_400_with_each_reason(caller
     [
         ({"prompt": "custom"}, "prompt", "is not a valid choice"),
         ({"engine": "gpt"}, "engine", "is not a valid choice"),
-        ({"language": "eng; rm -rf"}, "language", "does not match"),
+        ({"language": "eng; rm -rf"}, "language", "is not a Tesseract language"),
+        # Not installed: a 400 before anything is queued, saying what is installed and how to add it.
+        ({"language": "eng+fra"}, "language", "Tesseract language fra is not installed (installed in"),
+        ({"language": "fra"}, "language", "To add it: copy fra.traineddata"),
         ({"priority": "99"}, "priority", "is not a valid choice"),
         ({"priority": "high"}, "priority", "is not a valid choice"),
         ({"promt": "olmocr"}, "promt", "Unknown field"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from scans.pipeline.builtin import CPU_ENGINES, DEFAULT_CPU_ENGINE, BuiltinEngine, build_cpu_engine, resolve_cpu_engine
+from scans.pipeline.builtin import CPU_ENGINES, DEFAULT_CPU_ENGINE, build_cpu_engine, resolve_cpu_engine
 from scans.pipeline.languages import LanguageError
 from scans.pipeline.rapidocr_engine import MODEL as RAPIDOCR_MODEL
 from scans.pipeline.rapidocr_engine import latin_punctuation, word_gap_threshold
@@ -258,13 +258,17 @@ async def test_temperature_is_accepted_and_ignored(engines):
     assert result.text == "Temperature 0.8"
 
 
-def test_engine_names_and_builtin_means_the_default():
+def test_engine_names_and_builtin_means_the_configured_engine_else_the_default():
     assert CPU_ENGINES == ("tesseract", "rapidocr")
     assert resolve_cpu_engine("builtin") == DEFAULT_CPU_ENGINE == "tesseract"
-    assert resolve_cpu_engine("rapidocr") == "rapidocr"
+    assert resolve_cpu_engine("builtin", configured="rapidocr") == "rapidocr"
+    assert resolve_cpu_engine("rapidocr") == resolve_cpu_engine("rapidocr", configured="tesseract") == "rapidocr"
+    for unknown in ("easyocr", "vllm"):
+        with pytest.raises(ValueError, match=f"Unknown CPU engine '{unknown}'"):
+            resolve_cpu_engine(unknown)
     with pytest.raises(ValueError, match="Unknown CPU engine 'easyocr'"):
-        resolve_cpu_engine("easyocr")
-    engine = BuiltinEngine(max_workers=16)
+        resolve_cpu_engine("builtin", configured="easyocr")
+    engine = build_cpu_engine()
     assert (engine.name, engine.model) == ("tesseract", f"tesseract {tesseract_version()} eng")
     rapid = build_cpu_engine("rapidocr", language="deu")
     assert (rapid.name, rapid.model) == ("rapidocr", RAPIDOCR_MODEL)
@@ -273,11 +277,14 @@ def test_engine_names_and_builtin_means_the_default():
         build_cpu_engine("builtin", language="fra")
 
 
-def test_manage_ocr_with_the_builtin_engine_writes_the_text(tmp_path, scans):
+def test_manage_ocr_with_the_tesseract_engine_and_a_language_writes_the_text(tmp_path, scans):
+    """Issue 12's "done when": `manage.py ocr --engine tesseract --lang eng` on a fresh data directory
+    ("builtin", the older name, is read the same way: tests/scans/test_cpu_runner.py)."""
     data_dir = migrated_data_dir(tmp_path / "data")
     pdf = scans["folder"] / "scan.pdf"
     out = tmp_path / "out"
-    result = manage(["ocr", str(pdf), "--engine", "builtin", "--format", "txt", "--out", str(out)], project_env(data_dir))
+    args = ["ocr", str(pdf), "--engine", "tesseract", "--lang", "eng", "--format", "txt", "--out", str(out)]
+    result = manage(args, project_env(data_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     text = (out / "scan.txt").read_text()
     reference = "\n".join(scans["truth"])

@@ -54,6 +54,17 @@ def test_older_scans_first_among_equals_and_caps_are_kept():
     assert allocate(4, [newer, older], {}) == {1: 1, 2: 3}  # the capped scan takes one slot only
 
 
+def test_cpu_scans_share_the_cpu_room_and_the_other_scans_take_the_rest():
+    cpu_a = Candidate(1, 1, 0, T0, 50, 0, cpu=True)
+    cpu_b = Candidate(2, 2, 0, T0 + timedelta(seconds=1), 50, 0, cpu=True)
+    vllm = Candidate(3, 3, 0, T0 + timedelta(seconds=2), 50, 0)
+    granted = allocate(12, [cpu_a, cpu_b, vllm], {}, cpu_slots=4)
+    assert granted == {1: 2, 2: 2, 3: 8}  # fair among the CPU scans, the rest to the other one
+    assert allocate(12, [cpu_a, vllm], {}, cpu_slots=0) == {3: 12}
+    assert allocate(12, [cpu_a], {}, cpu_slots=0) == {}
+    assert allocate(3, [cpu_a], {}) == {1: 3}  # no CPU room given: no limit
+
+
 def test_no_more_than_is_waiting():
     assert allocate(10, [scan(1, owner=1, pending=2)], {}) == {1: 2}
     assert allocate(10, [], {}) == {}
@@ -91,3 +102,25 @@ def test_claims_on_the_database_share_slots_and_resume_fairly(tmp_path):
     assert Page.objects.filter(scan=big, status=Page.Status.PENDING).count() == 50
     assert Scan.objects.get(pk=big.pk).status == Scan.Status.QUEUED  # nothing of it is out any more
     assert Page.objects.filter(status=Page.Status.RUNNING, worker_id="w2").count() == 3
+
+
+@pytest.mark.django_db
+def test_claims_give_cpu_scans_at_most_the_cpu_room_and_say_which_pages_they_are():
+    owner = get_user_model().objects.create_user("carol")
+
+    def queued(pages: int, options: dict) -> Scan:
+        row = Scan.objects.create(owner=owner, file="x.pdf", original_filename="x.pdf", content_type="application/pdf",
+                                  size=1, sha256="0" * 64, page_count=pages, options=options)
+        services.create_pages(row)
+        return row
+
+    cpu = queued(20, {"engine": "tesseract"})
+    vllm = queued(20, {"engine": "vllm"})
+    claims = services.claim_pages(
+        worker_id="w1", slots=10, cpu_slots=3, is_cpu_scan=lambda options: options.get("engine") != "vllm"
+    )
+    by_scan = Counter(claim.page.scan_id for claim in claims)
+    assert by_scan == {cpu.pk: 3, vllm.pk: 7}
+    assert {claim.page.scan_id for claim in claims if claim.cpu} == {cpu.pk}
+    # Without the predicate nothing counts as CPU work (the claim as before).
+    assert {claim.cpu for claim in services.claim_pages(worker_id="w1", slots=4, cpu_slots=0)} == {False}

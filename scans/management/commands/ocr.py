@@ -1,6 +1,6 @@
 """`manage.py ocr FILE ...`: OCR files to completion in this process (or only queue them).
 
-Per-scan overrides given here (--prompt, --model, --base-url, --concurrency, --engine) are stored in
+Per-scan overrides given here (--prompt, --model, --base-url, --concurrency, --engine, --lang) are stored in
 `Scan.options`, so a queued scan keeps them wherever it is processed. The API key is the exception:
 it is used from memory for this run only, and stored in `Scan.options` (in the database, in clear)
 only with --queue, where the worker that processes the scan later has no other way to get it.
@@ -20,6 +20,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from ocrsite.database import ensure_migrated
 from scans import batch, exports, services
 from scans.models import Scan
+from scans.pipeline.engines import ENGINE_CHOICES
+from scans.pipeline.languages import LanguageError, installed_languages, validate_language
 from scans.uploads import create_scan_from_path, judge
 from vllm_control.config import normalize_base_url
 
@@ -47,7 +49,16 @@ class Command(BaseCommand):
         parser.add_argument("--api-key", help="API key of the server (stored only with --queue)")
         parser.add_argument("--concurrency", type=positive_int, help="requests in flight at once")
         parser.add_argument("--prompt", choices=("markdown", "olmocr"), help="prompt preset")
-        parser.add_argument("--engine", choices=("vllm", "builtin"), help="vllm (the model server) or builtin (CPU)")
+        parser.add_argument(
+            "--engine", choices=ENGINE_CHOICES,
+            help="vllm (the model server), tesseract or rapidocr (CPU), or builtin (the CPU engine chosen in the "
+            "settings); default: the configured mode",
+        )
+        parser.add_argument(
+            "--lang", metavar="LANG",
+            help="Tesseract's language codes, several joined by + (eng+deu); default: the settings' "
+            f"(installed: {', '.join(installed_languages()) or 'none'})",
+        )
         parser.add_argument("--user", help="owner of the recorded scans (default: the first superuser)")
         parser.add_argument("--queue", action="store_true", help="only record the scans as queued and print their ids")
         parser.add_argument("--retry-failed", type=int, metavar="SCAN_ID", help="retry the failed pages of a scan")
@@ -63,6 +74,12 @@ class Command(BaseCommand):
                 out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise CommandError(f"Cannot create the output directory {out_dir}: {exc.strerror}.") from None
+        language = None
+        if opts["lang"]:
+            try:
+                language = validate_language(opts["lang"])
+            except LanguageError as exc:
+                raise CommandError(str(exc)) from None
         ensure_migrated(self.stderr)
         options = {
             "prompt": opts["prompt"],
@@ -70,6 +87,7 @@ class Command(BaseCommand):
             "base_url": normalize_base_url(opts["base_url"]) if opts["base_url"] else None,
             "concurrency": opts["concurrency"],
             "engine": opts["engine"],
+            "language": language,
         }
         options = {key: value for key, value in options.items() if value not in (None, "")}
         if opts["queue"] and opts["api_key"]:
