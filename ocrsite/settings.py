@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import dj_database_url
@@ -89,6 +91,9 @@ def _database_config() -> dict:
         }
         if config["NAME"] != ":memory:":
             Path(config["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+            # Tests get a file too, not Django's shared-cache in-memory database, whose table locks fail
+            # at once where the real file waits (several runners' threads write at the same time).
+            config["TEST"] = {"NAME": str(Path(tempfile.gettempdir()) / f"ocrsite-test-{os.getpid()}.sqlite3")}
     return config
 
 

@@ -72,3 +72,15 @@ def assert_nothing_stored() -> None:
     assert Page.objects.count() == 0
     assert stored_files(settings.MEDIA_ROOT) == []
     assert stored_files(Path(settings.FILE_UPLOAD_TEMP_DIR)) == []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_test_database_left_behind(django_db_setup):
+    """SQLite's write-ahead log files outlive the test database file Django deletes."""
+    yield
+    from django.db import connection
+
+    name = connection.settings_dict.get("TEST", {}).get("NAME")
+    if name:
+        for suffix in ("-wal", "-shm"):
+            Path(f"{name}{suffix}").unlink(missing_ok=True)
