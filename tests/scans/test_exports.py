@@ -129,7 +129,7 @@ def test_json_has_the_documented_shape_with_pages_in_order(scan):
         "number": 1, "status": "done", "text": PAGE_TEXT[1], "format": "markdown", "engine": "vllm",
         "model": "test/model", "fallback": False, "attempts": 1, "input_tokens": 10, "output_tokens": 10,
         "latency_ms": 121, "finish_reason": "stop", "error": "", "warnings": [], "layout": None,
-        "metadata": {"primary_language": "en"},
+        "metadata": {"primary_language": "en"}, "correction": None, "rereading": False,
     }
     # A failed page keeps the answer that arrived before it failed.
     assert failed["status"] == "failed" and failed["text"] == PAGE_TEXT[3] and failed["latency_ms"] is None
@@ -145,16 +145,12 @@ def test_json_carries_no_secret(scan):
     }
 
 
-def test_json_reads_warnings_and_layout_where_pages_have_them(scan, monkeypatch):
+def test_json_reads_warnings_and_layout_where_pages_have_them(scan):
     layout = {"width": 100, "height": 200, "lines": [
         {"bbox": [1, 2, 30, 12], "conf": 91.0, "words": [{"text": "Hi", "bbox": [1, 2, 30, 12], "conf": 91.0}]}
     ]}
     warnings = [{"code": "blank", "message": "The page looks blank."}]
-    if {"layout", "warnings"} <= {field.name for field in Page._meta.get_fields()}:
-        Page.objects.filter(scan=scan).update(layout=layout, warnings=warnings)
-    else:  # before the model has the fields, exports read them defensively
-        monkeypatch.setattr(Page, "layout", layout, raising=False)
-        monkeypatch.setattr(Page, "warnings", warnings, raising=False)
+    Page.objects.filter(scan=scan).update(layout=layout, warnings=warnings)
     data = exports.export_json(scan)
     assert data["pages"][0]["layout"] == layout and data["pages"][0]["warnings"] == warnings
     assert data["scan"]["pages_with_warnings"] == 7
