@@ -142,6 +142,11 @@ def public_options(options: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
+def result_text(page: Page) -> str:
+    """The text the JSON export and the API give: what the page says, else a failed page's partial answer."""
+    return page_text(page) if page.has_result else page.text
+
+
 def correction_json(page: Page) -> dict[str, Any] | None:
     """Who corrected the page and when, with the engine's text it replaced; None when not corrected."""
     if not page.is_corrected:
@@ -162,7 +167,7 @@ def page_json(page: Page, scan: Scan) -> dict[str, Any]:
     return {
         "number": page.number,
         "status": page.status,
-        "text": page_text(page) if page.has_result else page.text,
+        "text": result_text(page),
         "correction": correction_json(page),
         "rereading": page.is_rereading,
         "format": "markdown" if page_is_markdown(page, scan) else "text",

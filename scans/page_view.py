@@ -107,9 +107,13 @@ class PdfNote:
 
 
 def pdf_note(scan: Scan) -> PdfNote:
-    counts = exports.placements(scan)
+    """From the pages read so far; before any, from the engine: CPU engines give word boxes, a model
+    server's answers none."""
+    counts = {placement: n for placement, n in exports.placements(scan).items() if placement != "none"}
+    if not counts:
+        counts = {"words" if scan.engine in exports.PLAIN_TEXT_ENGINES else "page": scan.page_count}
     ranked = sorted(counts.items(), key=lambda item: -item[1])
     return PdfNote(
-        placements=[(PLACEMENT_NOTES[placement], count) for placement, count in ranked if placement != "none"],
+        placements=[(PLACEMENT_NOTES[placement], count) for placement, count in ranked],
         seconds=max(1, math.ceil(scan.page_count * PDF_SECONDS_PER_PAGE)),
     )

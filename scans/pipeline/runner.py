@@ -32,7 +32,7 @@ from asgiref.sync import sync_to_async
 from ocrsite.env import env_int
 from scans import metrics, progress, selectors, services
 from scans.models import Page, Scan
-from scans.pipeline import queue_signals
+from scans.pipeline import line_boxes, queue_signals
 from scans.pipeline.engines import build_engine
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig, ScanOptions, aocr_config
@@ -404,7 +404,7 @@ class Runner:
                 if isinstance(image, RenderFailure):
                     result = PageResult(text="", status="failed", error=image.message)
                 else:
-                    result = await self._read(work, image)
+                    result = await line_boxes.add_line_boxes(await self._read(work, image), image, engine=work.engine.name)
             except (_ScanFailed, PermanentEngineError) as exc:
                 if page.reocr_options is None:
                     await _db(services.fail_scan, scan_id=scan_id, error=exc.message)
