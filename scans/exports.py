@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
+from django.db.models import BooleanField, ExpressionWrapper, Q
+
 from scans.markup import markdown_to_text
 from scans.models import CURRENT_TEXT_FIELDS, Page, Scan
 from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
@@ -247,11 +249,15 @@ def page_placement(page: Page, scan: Scan) -> Placement:
 
 
 def placements(scan: Scan) -> dict[Placement, int]:
-    """How many pages the searchable PDF will place each way (see page_placement), without parsing
-    their Markdown: a page whose Markdown has no plain text at all counts as placed anyway."""
+    """How many pages the searchable PDF will place each way (see page_placement), told without
+    reading boxes or parsing Markdown (a scan's boxes can be megabytes): a page with boxes has word
+    boxes from a CPU engine, line boxes otherwise (scans.pipeline.line_boxes)."""
     counts: dict[Placement, int] = {}
-    for page in ordered_pages(scan).only(*CURRENT_TEXT_FIELDS, "layout"):
-        placement = placement_of(PageText(text=page_text(page), layout=page.layout or None))
+    boxed = ExpressionWrapper(Q(layout__isnull=False), output_field=BooleanField())
+    for page in ordered_pages(scan).only(*CURRENT_TEXT_FIELDS, "engine").annotate(boxed=boxed):
+        placement: Placement = "none"
+        if page_text(page):
+            placement = "page" if not page.boxed else "words" if page_engine(page, scan) in PLAIN_TEXT_ENGINES else "lines"
         counts[placement] = counts.get(placement, 0) + 1
     return counts
 

@@ -302,8 +302,7 @@ def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None 
             if started:
                 publish_scan_on_commit(scan_id)
             pages = Page.objects.filter(scan_id=scan_id, number__in=numbers, worker_id=worker_id, status=Page.Status.RUNNING)
-            pages = pages.only(*PAGE_STATE_FIELDS, "reocr_options").order_by("number")
-            claimed += [ClaimedPage(page, bool(started)) for page in pages]
+            claimed += [ClaimedPage(page, bool(started)) for page in pages.only(*PAGE_STATE_FIELDS).order_by("number")]
     return claimed
 
 

@@ -65,10 +65,10 @@ def scan_detail(request: HttpRequest, scan_id: int) -> HttpResponse:
     scan = get_visible_scan(request.user, scan_id)
     jump = request.GET.get("page", "")
     if jump.isdigit():  # the jump-to-page form without JavaScript
-        return _back_to_page(scan, min(max(1, int(jump)), scan.page_count))
+        return _back_to_page(scan.pk, min(max(1, int(jump)), scan.page_count))
     counts = selectors.scan_counts(scan)
     can_retry = scan.is_finished and (counts.failed + counts.unfinished) > 0
-    pages = list(selectors.ordered_pages(scan).select_related("corrected_by"))
+    pages = list(selectors.ordered_pages(scan).select_related("corrected_by").defer("layout", "metadata"))
     views = [page_view.page_view(page, scan) if page.number <= page_view.INLINE_PAGES else None for page in pages]
     context = {
         "scan": scan, "pages": list(zip(pages, views)), "counts": counts, "can_retry": can_retry,
@@ -87,8 +87,8 @@ READ_AGAIN_CHOICES = {
 
 @login_required
 def page_fragment(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    """One page's part of the scan page (what live.js puts in place as the page scrolls into view or
-    changes)."""
+    """One page's part of the scan page (what scan_page.js puts in place as the page comes into view
+    or changes)."""
     scan = get_visible_scan(request.user, scan_id)
     page = get_object_or_404(Page.objects.select_related("corrected_by"), scan=scan, number=number)
     context = {"scan": scan, "page": page, "view": page_view.page_view(page, scan), "reread_choices": READ_AGAIN_CHOICES}
@@ -97,34 +97,35 @@ def page_fragment(request: HttpRequest, scan_id: int, number: int) -> HttpRespon
     return response
 
 
+def _visible_page(request: HttpRequest, scan_id: int, number: int) -> Page:
+    """The page of a scan the user may see, or 404."""
+    return get_object_or_404(Page, scan=get_visible_scan(request.user, scan_id), number=number)
+
+
 @login_required
 @require_POST
 def correct_page(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
-    page = get_object_or_404(Page, scan=scan, number=number)
+    page = _visible_page(request, scan_id, number)
     text = request.POST.get("text")
     if text is None:
         return HttpResponseBadRequest("The form has no text field.")
     page = services.correct_page(page=page, text=text, user=request.user)
     messages.success(request, f"Saved your correction of page {number}." if page.is_corrected else f"Page {number} is the model's text again.")
-    return _back_to_page(scan, number)
+    return _back_to_page(scan_id, number)
 
 
 @login_required
 @require_POST
 def revert_correction(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
-    page = get_object_or_404(Page, scan=scan, number=number)
-    services.revert_correction(page=page)
+    services.revert_correction(page=_visible_page(request, scan_id, number))
     messages.info(request, f"Page {number} shows the model's text again.")
-    return _back_to_page(scan, number)
+    return _back_to_page(scan_id, number)
 
 
 @login_required
 @require_POST
 def read_again(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
-    page = get_object_or_404(Page, scan=scan, number=number)
+    page = _visible_page(request, scan_id, number)
     options = {}
     for key in services.REREAD_OPTIONS:
         value = request.POST.get(key, "").strip()
@@ -136,11 +137,11 @@ def read_again(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
         messages.info(request, f"Page {number} is being read again; its text stays until the new text arrives.")
     else:
         messages.info(request, f"Page {number} is already waiting to be read.")
-    return _back_to_page(scan, number)
+    return _back_to_page(scan_id, number)
 
 
-def _back_to_page(scan: Scan, number: int) -> HttpResponse:
-    return redirect(reverse("scans:detail", args=[scan.pk]) + f"#page-{number}")
+def _back_to_page(scan_id: int, number: int) -> HttpResponse:
+    return redirect(reverse("scans:detail", args=[scan_id]) + f"#page-{number}")
 
 
 @login_required

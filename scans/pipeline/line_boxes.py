@@ -9,6 +9,7 @@ about 6 pages/s, below what one GPU server answers, so it is for hosts with core
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 
@@ -27,7 +28,7 @@ async def add_line_boxes(result: PageResult, image: PageImage, *, engine: str) -
     """`result` with the text lines PP-OCR's detector finds on `image` as its layout, when line boxes
     are enabled and `result` is a VLM's text read from `image` as rendered (not turned by the
     rotation correction, whose image the runner does not keep). Runs in the process's CPU pool (one
-    page per core). A detector failure costs the boxes, never the page."""
+    page per core). A detector failure or a cancellation costs the boxes, never the answer."""
     if not enabled() or engine != "vllm" or result.status != "done" or result.layout is not None:
         return result
     if result.fallback or not result.text.strip() or result.metadata.get("rotation_applied"):
@@ -36,6 +37,10 @@ async def add_line_boxes(result: PageResult, image: PageImage, *, engine: str) -
 
     try:
         layout = await cpu_pool().run(detect_text_lines, image.data)
+    except asyncio.CancelledError:
+        # The model's answer has arrived, and the runner commits every answer that arrived: it goes on
+        # without boxes (the caller's task stays `cancelling()`, as after asgiref's sync_to_async).
+        return result
     except Exception:
         logger.warning("No line boxes for page %s: the text detector failed", image.number, exc_info=True)
         return result

@@ -22,6 +22,28 @@ pytestmark = pytest.mark.browser
 HELD_MARKER = 7  # the double answers this page's first request and holds its second until released
 
 
+# Relative luminance and contrast ratio as WCAG 2 defines them, of the scan page's colours.
+COLOURS = """() => {
+    const rgb = (value) => value.match(/\\d+(\\.\\d+)?/g).slice(0, 3).map(Number);
+    const luminance = ([r, g, b]) => {
+        const c = [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+        return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
+    };
+    const contrast = (a, b) => { const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
+    const colour = (selector, property) => rgb(getComputedStyle(document.querySelector(selector))[property]);
+    const body = colour('body', 'backgroundColor');
+    const status = document.querySelector('#page-1 [data-field=status]');
+    return {
+        body: luminance(body),
+        border: contrast(colour('#edit-1', 'borderTopColor'), colour('#page-1', 'backgroundColor')),
+        jump: contrast(colour('#jump-to', 'borderTopColor'), body),
+        text: contrast(colour('body', 'color'), body),
+        statusMark: getComputedStyle(status, '::before').content,
+        statusText: status.textContent,
+    };
+}"""
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     state = tmp_path_factory.mktemp("vllm-state")
@@ -86,6 +108,8 @@ def test_zoom_rendered_or_raw_copy_and_moving_between_pages(page, server, tmp_pa
     assert dialog.is_hidden()
 
     page.screenshot(path="/tmp/ocrsite-scan-page-reading.png")
+    colours = page.evaluate(COLOURS)  # the light theme
+    assert colours["body"] > 0.8 and colours["border"] >= 3 and colours["jump"] >= 3 and colours["text"] >= 4.5, colours
 
     # Keys move between pages; the jump control goes straight to one.
     page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
@@ -238,8 +262,7 @@ def test_the_pages_fit_a_phone_in_the_dark(browser, server, tmp_path: Path):
     try:
         login(page, server)
         long_word = "Supercalifragilistic" * 8
-        pdf = make_pdf(tmp_path / "phone.pdf", 2)
-        upload_and_watch_until_done(page, server, pdf, 2)
+        upload_and_watch_until_done(page, server, make_pdf(tmp_path / "phone.pdf", 4), 4)  # 4: with "Go to page"
         scan_id = scan_id_of(page)
         table = "| " + " | ".join(f"column {n}" for n in range(12)) + " |\n|" + "---|" * 12 + "\n| " + " | ".join(["cell"] * 12) + " |"
         text = f"# {long_word}\n\n{table}\n\nhttps://example.org/{long_word}"
@@ -258,30 +281,9 @@ def test_the_pages_fit_a_phone_in_the_dark(browser, server, tmp_path: Path):
             assert overflow[0] <= overflow[1], (path, overflow)
 
         page.goto(f"{server.url}/scans/{scan_id}/")
-        colours = page.evaluate(
-            """() => {
-                const rgb = (value) => value.match(/\\d+(\\.\\d+)?/g).slice(0, 3).map(Number);
-                const luminance = ([r, g, b]) => {
-                    const c = [r, g, b].map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
-                    return 0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2];
-                };
-                const contrast = (a, b) => { const [x, y] = [luminance(a), luminance(b)].sort((p, q) => q - p); return (x + 0.05) / (y + 0.05); };
-                const body = rgb(getComputedStyle(document.body).backgroundColor);
-                const input = document.querySelector('#jump-to') || document.querySelector('#edit-1');
-                const surface = rgb(getComputedStyle(input.closest('li, section, form')).backgroundColor);
-                const status = document.querySelector('#page-1 [data-field=status]');
-                return {
-                    body: luminance(body),
-                    border: contrast(rgb(getComputedStyle(document.querySelector('#edit-1')).borderTopColor), rgb(getComputedStyle(document.querySelector('#page-1')).backgroundColor)),
-                    jump: contrast(rgb(getComputedStyle(input).borderTopColor), surface.length ? surface : body),
-                    text: contrast(rgb(getComputedStyle(document.body).color), body),
-                    statusMark: getComputedStyle(status, '::before').content,
-                    statusText: status.textContent,
-                };
-            }"""
-        )
+        colours = page.evaluate(COLOURS)
         assert colours["body"] < 0.05, colours  # dark
-        assert colours["border"] >= 3 and colours["text"] >= 4.5, colours  # WCAG 1.4.11 and 1.4.3
+        assert colours["border"] >= 3 and colours["jump"] >= 3 and colours["text"] >= 4.5, colours  # WCAG 1.4.11, 1.4.3
         assert colours["statusMark"] == '"✓ "' and colours["statusText"] == "Done", colours
     finally:
         context.close()

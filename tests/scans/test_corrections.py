@@ -27,19 +27,25 @@ MODEL_TEXT = "# PAGE 2\n\nTeh quick brown fox.\n\n- first point"
 CORRECTED = "# PAGE 2\n\nThe quick brown fox, <MIME>/globs and x*y*z.\n\n- first point"
 
 
+def stored_scan(owner, tmp_path: Path, pages: int, **fields) -> Scan:
+    """A scan row of a real `pages`-page PDF in the media folder (its pages are the caller's)."""
+    from django.conf import settings
+
+    name = f"{pages}-pages.pdf"
+    stored = Path(settings.MEDIA_ROOT) / "scans" / name
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(make_pdf(tmp_path / name, pages), stored)
+    return Scan.objects.create(
+        owner=owner, file=f"scans/{name}", original_filename=name, content_type="application/pdf",
+        size=stored.stat().st_size, sha256=f"{pages:02d}" * 32, page_count=pages, **fields,
+    )
+
+
 @pytest.fixture
 def scan(settings, user, tmp_path: Path) -> Scan:
     """A finished three-page scan of a real PDF: pages 1 and 2 done, page 3 failed."""
     settings.DATA_DIR = tmp_path / "data"
-    source = make_pdf(tmp_path / "three.pdf", 3)
-    stored = Path(settings.MEDIA_ROOT) / "scans" / "three.pdf"
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, stored)
-    scan = Scan.objects.create(
-        owner=user, file="scans/three.pdf", original_filename="three.pdf", content_type="application/pdf",
-        size=stored.stat().st_size, sha256="cd" * 32, page_count=3, status=Scan.Status.DONE_WITH_ERRORS,
-        engine="vllm", model="test/model",
-    )
+    scan = stored_scan(user, tmp_path, 3, status=Scan.Status.DONE_WITH_ERRORS, engine="vllm", model="test/model")
     Page.objects.create(scan=scan, number=1, status=Page.Status.DONE, text="# PAGE 1\n\nFirst page.", finished_at=scan.created_at)
     Page.objects.create(scan=scan, number=2, status=Page.Status.DONE, text=MODEL_TEXT, finished_at=scan.created_at, attempts=1)
     Page.objects.create(scan=scan, number=3, status=Page.Status.FAILED, error="HTTP 500 from the server", attempts=2)
@@ -102,7 +108,7 @@ def test_the_pdf_download_has_the_corrected_text_layer_over_pixel_identical_page
     services.correct_page(page=page(scan, 2), text=CORRECTED, user=user)
     response = alice_client.get(reverse("scans:download_pdf", args=[scan.pk]))
     assert response.status_code == 200 and response["Content-Type"] == "application/pdf"
-    assert response["Content-Disposition"] == 'attachment; filename="three.pdf"'
+    assert response["Content-Disposition"] == 'attachment; filename="3-pages.pdf"'
     assert response["X-Text-Placement"] == "none=1, page=2"
     data = b"".join(response.streaming_content)
     assert pdf_texts(data)[:2] == ["PAGE 1 First page.", "PAGE 2 The quick brown fox, <MIME>/globs and x*y*z. - first point"]
@@ -291,16 +297,9 @@ def parsed_tags(html: str) -> list[tuple[str, list[tuple[str, str]]]]:
     return tags
 
 
-def test_the_scan_page_renders_the_first_pages_and_the_others_load_later(settings, user, alice_client, tmp_path):
-    source = make_pdf(tmp_path / "eight.pdf", 8)
-    stored = Path(settings.MEDIA_ROOT) / "scans" / "eight.pdf"
-    stored.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, stored)
-    scan = Scan.objects.create(
-        owner=user, file="scans/eight.pdf", original_filename="eight.pdf", content_type="application/pdf",
-        size=1, sha256="ef" * 32, page_count=8, status=Scan.Status.DONE,
-        warnings=[{"code": "missing_pages", "message": "The PDF's page tree lists 9 pages."}],
-    )
+def test_the_scan_page_renders_the_first_pages_and_the_others_load_later(user, alice_client, tmp_path):
+    warnings = [{"code": "missing_pages", "message": "The PDF's page tree lists 9 pages."}]
+    scan = stored_scan(user, tmp_path, 8, status=Scan.Status.DONE, warnings=warnings)
     for number in range(1, 9):
         Page.objects.create(
             scan=scan, number=number, status=Page.Status.DONE, text=f"Text of page {number}",

@@ -168,6 +168,7 @@ def test_the_searchable_pdf_carries_each_page_s_plain_text(scan, tmp_path: Path)
     placements = exports.export_pdf(scan, out)
     assert placements == ["page", "page", "none", "page", "page", "none", "none"]
     assert [exports.page_placement(page, scan) for page in scan.pages.order_by("number")] == placements
+    assert exports.placements(scan) == {"page": 4, "none": 3}  # told before the PDF is made
     pdf = pdfium.PdfDocument(str(out))
     try:
         texts = [" ".join(page.get_textpage().get_text_range().split()) for page in pdf]
@@ -177,6 +178,19 @@ def test_the_searchable_pdf_carries_each_page_s_plain_text(scan, tmp_path: Path)
     assert texts[1] == "Name Value alpha 1 beta 2"
     assert texts[2] == "" and texts[5] == "" and texts[6] == ""
     assert texts[4] == "Set <MIME>/globs so that a < b > c and x*y*z, with $\\alpha_1$."
+
+
+def test_the_placements_told_beforehand_follow_the_boxes_each_engine_gives(scan, tmp_path: Path):
+    words = {"width": 100, "height": 100, "lines": [
+        {"bbox": [10, 10, 90, 20], "conf": 90.0, "words": [{"text": "Title", "bbox": [10, 10, 90, 20], "conf": 90.0}]}
+    ]}
+    lines = {"width": 100, "height": 100, "lines": [{"bbox": [10, 10, 90, 20], "conf": 0.0, "words": []}]}
+    Page.objects.filter(scan=scan, number=1).update(layout=words, engine="tesseract")
+    Page.objects.filter(scan=scan, number=2).update(layout=lines)  # a VLM page with line boxes
+    told = exports.placements(scan)
+    made = exports.export_pdf(scan, tmp_path / "out.pdf")
+    assert told == {"words": 1, "lines": 1, "page": 2, "none": 3}
+    assert {placement: made.count(placement) for placement in told} == told
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ each page the detector's lines, and the searchable PDF lays the text along them.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from asgiref.sync import sync_to_async
 from PIL import ImageDraw
@@ -57,3 +59,30 @@ async def test_vlm_pages_get_line_boxes_only_when_asked(fake, owner, tmp_path, m
         assert exports.page_placement(page, scan) == "lines"
     placements = await sync_to_async(exports.export_pdf)(scan, tmp_path / "out.pdf")
     assert placements == ["lines", "lines"]
+
+
+async def test_a_cancellation_while_lines_are_found_costs_the_boxes_not_the_answer(monkeypatch):
+    import threading
+
+    from scans import text_lines
+    from scans.pipeline import line_boxes
+    from scans.pipeline.types import PageResult
+    from tests.scans.pipeline.helpers import marked_page
+
+    monkeypatch.setenv("OCRSITE_VLM_LINE_BOXES", "true")
+    started, release = threading.Event(), threading.Event()
+
+    def slow_detection(data: bytes):
+        started.set()
+        release.wait(10)
+        return {"width": 1, "height": 1, "lines": []}
+
+    monkeypatch.setattr(text_lines, "detect_text_lines", slow_detection)
+    answer = PageResult(text="# PAGE 1\n\nText of page 1.")
+    task = asyncio.create_task(line_boxes.add_line_boxes(answer, marked_page(1), engine="vllm"))
+    assert await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    try:
+        assert await task is answer  # the answer, without boxes
+    finally:
+        release.set()
