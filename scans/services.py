@@ -13,7 +13,7 @@ its running pages back to pending.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -112,7 +112,7 @@ def revert_correction(*, page: Page) -> Page:
     return page
 
 
-def reread_page(*, page: Page, options: Mapping[str, str]) -> bool:
+def reread_page(*, page: Page, options: dict[str, str]) -> bool:
     """Read one done or failed page again, with `options` (keys of REREAD_OPTIONS; empty values mean
     "the scan's") overriding the scan's options for this page. A done page keeps its result (text,
     status `pending` then `running`, `finished_at`) until the new one arrives, and keeps it with a
@@ -330,6 +330,35 @@ class PageCommit:
     scan_status: str | None  # the scan's status after the commit (None: deleted)
 
 
+def _keep_previous_result(mine, result: PageResult, now) -> Page | None:
+    """Inside commit_page_results: a failed new reading of a page that had a result keeps that result
+    (text, layout, tokens) with a warning saying why the new one is not there. Returns the page as
+    written, or None when the page was not being read again with a result to keep."""
+    previous = mine.filter(reocr_options__isnull=False, finished_at__isnull=False).only(*PAGE_STATE_FIELDS).first()
+    if previous is None:
+        return None
+    warning = PageWarning(code="reread_failed", message=f"Reading the page again failed ({result.error}); this is the text it had.")
+    warnings = [w for w in previous.warnings or [] if w.get("code") != "reread_failed"] + [warning]
+    fields = dict(status=Page.Status.DONE, warnings=warnings, reocr_options=None, worker_id="")
+    mine.update(**fields)
+    for name, value in fields.items():
+        setattr(previous, name, value)
+    return previous
+
+
+def _add_corrections(pages: list[Page], scan_ids: Collection[int]) -> None:
+    """Set the corrections of pages built from what was written (a correction stays in use over a
+    new result, and live events show it): one query for the scans' corrected pages."""
+    wanted = {(page.scan_id, page.number): page for page in pages}
+    rows = Page.objects.filter(scan_id__in=list(scan_ids), corrected_at__isnull=False).values_list(
+        "scan_id", "number", "corrected_text", "corrected_at"
+    )
+    for scan_id, number, text, at in rows:
+        page = wanted.get((scan_id, number))
+        if page is not None:
+            page.corrected_text, page.corrected_at = text, at
+
+
 def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommit]) -> list[PageCommit]:
     """Store several pages' outcomes in one transaction, add their tokens to their scans' totals, and
     finish every scan left without unfinished pages. A page must be running for this runner; otherwise
@@ -373,35 +402,6 @@ def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommi
         _finish_completed(scan_ids, now)
         statuses = dict(Scan.objects.filter(pk__in=scan_ids).values_list("pk", "status"))
     return [PageCommit(page, statuses.get(o.scan_id)) for o, page in zip(outcomes, written)]
-
-
-def _keep_previous_result(mine, result: PageResult, now) -> Page | None:
-    """Inside commit_page_results: a failed new reading of a page that had a result keeps that result
-    (text, layout, tokens) with a warning saying why the new one is not there. Returns the page as
-    written, or None when the page was not being read again with a result to keep."""
-    previous = mine.filter(reocr_options__isnull=False, finished_at__isnull=False).only(*PAGE_STATE_FIELDS).first()
-    if previous is None:
-        return None
-    warning = PageWarning(code="reread_failed", message=f"Reading the page again failed ({result.error}); this is the text it had.")
-    warnings = [w for w in previous.warnings or [] if w.get("code") != "reread_failed"] + [warning]
-    fields = dict(status=Page.Status.DONE, warnings=warnings, reocr_options=None, worker_id="")
-    mine.update(**fields)
-    for name, value in fields.items():
-        setattr(previous, name, value)
-    return previous
-
-
-def _add_corrections(pages: list[Page], scan_ids: Collection[int]) -> None:
-    """Set the corrections of pages built from what was written (a correction stays in use over a
-    new result, and live events show it): one query for the scans' corrected pages."""
-    wanted = {(page.scan_id, page.number): page for page in pages}
-    rows = Page.objects.filter(scan_id__in=list(scan_ids), corrected_at__isnull=False).values_list(
-        "scan_id", "number", "corrected_text", "corrected_at"
-    )
-    for scan_id, number, text, at in rows:
-        page = wanted.get((scan_id, number))
-        if page is not None:
-            page.corrected_text, page.corrected_at = text, at
 
 
 def _finish_completed(scan_ids: Collection[int], now) -> list[int]:
