@@ -17,7 +17,7 @@ from scans.markup import markdown_to_html
 from scans.models import Page, Scan
 from scans.searchable_pdf import Placement
 
-# Pages rendered with the scan page itself; the others load as they scroll into view (live.js).
+# Pages rendered with the scan page itself; the others load as they scroll into view (scan_page.js).
 INLINE_PAGES = 3
 
 WARNING_LABELS = {
