@@ -41,3 +41,4 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/bench_builtin.py
 	$(BIN)/python bench/bench_searchable_pdf.py
+	$(BIN)/python bench/live_latency_bench.py --watch-all

@@ -18,8 +18,8 @@ from scans import selectors
 from scans.events import PageCounts, PageWarningData
 from scans.exports import FORMATS, correction_json, result_text
 from scans.models import Page, Scan
+from scans.pipeline.options import shown_options
 
-HIDDEN_OPTIONS = {"api_key"}  # a server secret `manage.py ocr --queue` may keep in Scan.options
 
 
 class UploadErrorSerializer(serializers.Serializer):
@@ -68,7 +68,7 @@ class ScanSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(OpenApiTypes.OBJECT)
     def get_options(self, scan: Scan) -> dict[str, Any]:
-        return {key: value for key, value in (scan.options or {}).items() if key not in HIDDEN_OPTIONS}
+        return shown_options(scan.options or {})
 
     def get_warnings(self, scan: Scan) -> list[PageWarningData]:
         return list(scan.warnings or [])

@@ -221,4 +221,4 @@ class ServerStatusView(APIView):
         except Exception as exc:  # a probe that blew up is the server's state, not an error of this request
             logger.warning("Could not read the model server's status", exc_info=True)
             server = ServerStatus(mode=config.mode, state=ServerState.FAILED, model=config.model, last_error=str(exc))
-        return Response(status_payload(server, staff=False))
+        return Response(status_payload(server, detailed=False))

@@ -7,6 +7,7 @@ the queue), then the model server, waited for.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from django.conf import settings
@@ -15,11 +16,13 @@ from api.delivery import start_delivery_loop, stop_delivery_loop
 from scans.pipeline.runner import start_embedded_runner, stop_embedded_runner
 from vllm_control import runtime
 from vllm_control.config import aresolve_config
+from vllm_control.tls import tls_context
 
 logger = logging.getLogger(__name__)
 
 
 async def startup() -> None:
+    await asyncio.to_thread(tls_context)  # built once, here rather than on the loop at the first probe
     runtime.bind_loop()  # the supervisor lives on the server's loop for the life of the process
     config = await aresolve_config()
     if config.mode == "local" and config.local.autostart:

@@ -5,16 +5,23 @@ Rules (DESIGN.md, "Live events"):
 - events go out after the write they describe has committed (`publish_on_commit` for sync code);
 - channel layers deliver at most once, so every connection gets a full snapshot on connect and on a
   `{"type": "resync"}` from the browser, and an event whose data was read before that snapshot is dropped;
-- publishing never raises into the caller: a channel-layer outage must not break OCR or a request.
+- publishing never raises into the caller: a channel-layer outage must not break OCR or a request;
+- a frame the browser should not have sent (not JSON, not an object, binary, an unknown type) is answered
+  with a `socket.error` and the socket stays open; the log gets one line per LOG_INTERVAL_S, no traceback;
+- signing out closes the sockets opened with that session (4401), so no page text streams on after it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict, TypeVar
 
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -25,13 +32,37 @@ logger = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 5.0
 EVENT_HANDLER = "live.event"  # consumers implement `live_event`
+CLOSE_HANDLER = "live.close"  # consumers implement `live_close`
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+LOG_INTERVAL_S = 60.0  # refused frames: at most one log line per interval
+
+
+class SocketErrorEvent(TypedDict):
+    """The answer to a frame the socket cannot use; the socket stays open."""
+
+    type: Literal["socket.error"]
+    message: str
+
+
+LIVE_EVENT_TYPES: tuple[type, ...] = (SocketErrorEvent,)
 
 Message = tuple[str, Mapping[str, Any]]  # (group, payload)
 Build = Callable[[], list[Message]]  # sync: reads the database, returns what to send
 
 _background: set[asyncio.Task] = set()
+T = TypeVar("T")
+
+# The reads behind snapshots and totals run on threads of their own. By default sync_to_async (and
+# Django's async ORM) use one thread per process, which also carries the OCR runner's writes: a browser's
+# snapshot would queue behind them, and page commits behind a burst of snapshots. Each of these threads
+# keeps its own database connection (readers do not block SQLite's WAL writer).
+_reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="live-read")
+
+
+async def read(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run a sync database read for live events or a snapshot off the event loop, on the read threads."""
+    return await sync_to_async(function, thread_sensitive=False, executor=_reads)(*args, **kwargs)
 
 
 async def send(messages: Iterable[Message], *, read_at: float) -> None:
@@ -58,7 +89,7 @@ async def publish_built(build: Build, *, what: str) -> None:
     """Read the payloads with `build` (off the event loop), then publish them. Never raises."""
     read_at = time.time()
     try:
-        messages = await sync_to_async(build)()
+        messages = await read(build)
     except Exception:
         logger.warning("Could not read %s to publish it", what, exc_info=True)
         return
@@ -102,13 +133,62 @@ def publish_on_commit(build: Build, *, what: str) -> None:
         logger.warning("Could not schedule publishing %s", what, exc_info=True)
 
 
-class LiveConsumer(AsyncJsonWebsocketConsumer):
-    """Joins the groups `authorize` names, sends `snapshot()`, then forwards newer `live.event`s.
+def session_group(session_key: str) -> str:
+    """The group of every live socket opened with this session (the key itself stays out of the layer)."""
+    return "session-" + hashlib.sha256(session_key.encode()).hexdigest()[:32]
 
-    Subclasses implement `authorize(user) -> groups | None` (None: forbidden) and `snapshot()`."""
+
+def close_session_sockets(session_key: str) -> None:
+    """From sync code: close every live socket of this session with 4401. Never raises."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": CLOSE_HANDLER, "code": CLOSE_UNAUTHENTICATED}
+    try:
+        async_to_sync(layer.group_send)(session_group(session_key), message)
+    except Exception:
+        logger.warning("Could not close the live sockets of a session that signed out", exc_info=True)
+
+
+def close_sockets_on_logout(sender, request, user, **kwargs) -> None:
+    """`user_logged_out` receiver (connected in `ocrsite.apps`); Django sends it before the session ends."""
+    session_key = getattr(getattr(request, "session", None), "session_key", None)
+    if session_key:
+        close_session_sockets(session_key)
+
+
+@dataclass
+class _LogThrottle:
+    """One log line per `interval` seconds; the lines left out in between are counted in the next one."""
+
+    interval: float
+    next_at: float = 0.0
+    left_out: int = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return
+        if self.left_out:
+            message, args = message + " (and %d more in the previous %g s)", (*args, self.left_out, self.interval)
+        self.left_out, self.next_at = 0, now + self.interval
+        logger.warning(message, *args)
+
+
+_refused_frames = _LogThrottle(LOG_INTERVAL_S)
+
+
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """Joins the groups `authorize` names (and its session's group), sends `snapshot()`, then forwards newer
+    `live.event`s until `live.close` or the browser closes.
+
+    Subclasses implement `authorize(user) -> groups | None` (None: forbidden) and `snapshot()`. The browser
+    may send `{"type": "resync"}` (a new snapshot); anything else is answered with a `socket.error`."""
 
     groups_joined: list[str]
     snapshot_started: float = 0.0
+    closing: bool = False
 
     async def dispatch(self, message: dict) -> None:
         # Channels closes stale DB connections before every handler, through the one thread-sensitive
@@ -132,7 +212,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         if groups is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        for group in groups:
+        session_key = getattr(self.scope.get("session"), "session_key", None)
+        for group in [*groups, *([session_group(session_key)] if session_key else [])]:
             await self.channel_layer.group_add(group, self.channel_name)
             self.groups_joined.append(group)
         await self.send_snapshot()
@@ -141,9 +222,33 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         for group in getattr(self, "groups_joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
 
-    async def receive_json(self, content, **kwargs) -> None:
-        if isinstance(content, dict) and content.get("type") == "resync":
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
+        if text_data is None:
+            await self.refuse_frame("binary frames are not accepted")
+            return
+        try:
+            content = json.loads(text_data)
+        except ValueError:
+            await self.refuse_frame("the frame is not JSON")
+            return
+        if not isinstance(content, dict):
+            await self.refuse_frame("the frame is not a JSON object")
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: dict, **kwargs) -> None:
+        if content.get("type") == "resync":
             await self.send_snapshot()
+        else:
+            await self.refuse_frame(f"unknown message type {str(content.get('type'))[:40]!r}")
+
+    async def refuse_frame(self, reason: str) -> None:
+        _refused_frames.warning("Refused a WebSocket frame on %s: %s", self.scope.get("path", "?"), reason)
+        await self.send_json(SocketErrorEvent(type="socket.error", message=f"{reason}; send {{\"type\": \"resync\"}}."))
+
+    async def live_close(self, message: dict) -> None:
+        self.closing = True
+        await self.close(code=message.get("code", CLOSE_UNAUTHENTICATED))
 
     async def send_snapshot(self) -> None:
         self.snapshot_started = time.time()
@@ -154,7 +259,7 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
     async def live_event(self, message: dict) -> None:
         # An event whose data was read before this connection's snapshot is already in the snapshot (or
         # superseded by it); forwarding it would show an older state.
-        if message.get("read_at", float("inf")) < self.snapshot_started:
+        if self.closing or message.get("read_at", float("inf")) < self.snapshot_started:
             return
         await self.forward(message["payload"])
 

@@ -28,12 +28,12 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
 
 from django.db.models import BooleanField, ExpressionWrapper, Q
 
 from scans.markup import markdown_to_text
 from scans.models import CURRENT_TEXT_FIELDS, Page, Scan
+from scans.pipeline.options import shown_options
 from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
 from scans.selectors import ordered_pages
 
@@ -43,9 +43,6 @@ PAGE_SEPARATOR = "\f"
 # Engines whose output is plain text, not Markdown (the CPU engines); a page read from the PDF's own
 # text layer (`fallback`) is plain text too.
 PLAIN_TEXT_ENGINES = frozenset({"builtin", "tesseract", "rapidocr"})
-SECRET_OPTION = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.IGNORECASE)
-
-
 def page_text(page: Page) -> str:
     """The text of a page as every export has it: its correction, else the engine's text ("" for a page
     without a result: see `Page.has_result`)."""
@@ -130,20 +127,6 @@ def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
-def public_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Scan options safe to hand out: no keys, tokens or passwords, and no credentials inside URLs."""
-    public = {}
-    for key, value in (options or {}).items():
-        if SECRET_OPTION.search(key):
-            continue
-        if isinstance(value, str) and "@" in value and "://" in value:
-            parts = urlsplit(value)
-            if parts.username or parts.password:
-                value = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
-        public[key] = value
-    return public
-
-
 def result_text(page: Page) -> str:
     """The text the JSON export and the API give: what the page says, else a failed page's partial answer."""
     return page_text(page) if page.has_result else page.text
@@ -201,7 +184,7 @@ def export_json(scan: Scan) -> dict[str, Any]:
             "content_type": scan.content_type,
             "sha256": scan.sha256,
             "has_text_layer": scan.has_text_layer,
-            "options": public_options(scan.options),
+            "options": shown_options(scan.options or {}),
             "error": scan.error,
             "input_tokens": scan.input_tokens,
             "output_tokens": scan.output_tokens,

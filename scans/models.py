@@ -60,6 +60,8 @@ class Scan(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["status", "-priority", "created_at"], name="scan_queue_idx")]
+        # Seeing other people's scans (scans.access); the staff flag alone does not.
+        permissions = [("view_all_scans", "Can view every user's scans")]
 
     def __str__(self) -> str:
         return f"{self.original_filename} (#{self.pk})"

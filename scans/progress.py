@@ -59,12 +59,12 @@ def _send_trailing_progress(scan_id: int) -> None:
 async def apublish_page(page: Page) -> None:
     """A page changed (committed): its new state, then (throttled) the scan's totals. Never raises."""
     update = events.PageUpdateEvent(type="page.update", scan_id=page.scan_id, page=events.page_state(page))
-    messages: list[live.Message] = [(events.scan_group(page.scan_id), update)]
     what = f"the progress of page {page.number} of scan {page.scan_id}"
+    # The page's own event needs no read: it goes out at once, not behind the totals' read, which waits
+    # for a database thread.
+    await live.publish([(events.scan_group(page.scan_id), update)], read_at=time.time(), what=what)
     if _progress_due(page.scan_id):
-        await live.publish_built(lambda: messages + _scan_messages(page.scan_id), what=what)
-    else:
-        await live.publish(messages, read_at=time.time(), what=what)
+        await live.publish_built(lambda: _scan_messages(page.scan_id), what=f"the totals of scan {page.scan_id}")
 
 
 async def apublish_scan(scan_id: int) -> None:

@@ -30,6 +30,7 @@ class Candidate:
     pending: int  # pages waiting
     running: int  # pages in flight, on any runner
     cap: int | None = None  # most pages of this scan in flight at once (its `concurrency` option)
+    queued: bool = False  # not started yet (its first claim starts it)
 
 
 def weight(priority: int) -> float:

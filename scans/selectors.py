@@ -61,7 +61,7 @@ def ordered_pages(scan: Scan) -> QuerySet[Page]:
 
 
 def scans_with_counts(user, limit: int = 500) -> list[tuple[Scan, PageCounts]]:
-    """The user's scans (staff: everyone's), newest first, each with its page counts."""
+    """The scans the user may see (`scans.access`), newest first, each with its page counts."""
     scans = list(visible_scans(user).select_related("owner").order_by("-created_at", "-id")[:limit])
     counts = page_counts(scan.pk for scan in scans)
     return [(scan, counts.get(scan.pk, PageCounts())) for scan in scans]
@@ -75,6 +75,12 @@ def scan_snapshot(scan: Scan) -> events.ScanSnapshotEvent:
         pages=[events.page_state(page) for page in pages],
         totals=scan_totals(scan),
     )
+
+
+def visible_scan_snapshot(user, scan_id: int) -> events.ScanSnapshotEvent | None:
+    """The scan's snapshot, or None when `user` may not see it (or it is gone)."""
+    scan = visible_scans(user).filter(pk=scan_id).first()
+    return scan_snapshot(scan) if scan is not None else None
 
 
 def list_snapshot(user) -> events.ScanListSnapshotEvent:

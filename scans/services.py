@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from django.db import transaction
-from django.db.models import Count, F, Q
+from django.db import connection, transaction
+from django.db.models import Count, Exists, F, OuterRef
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -240,33 +240,29 @@ class ClaimedPage:
     scan_status_changed: bool  # this claim took the scan from queued to processing
 
 
-def _candidates(scan_ids: Collection[int] | None) -> tuple[list[Candidate], dict[int, int]]:
-    scans = Scan.objects.filter(status__in=Scan.ACTIVE)
-    if scan_ids is not None:
-        scans = scans.filter(pk__in=list(scan_ids))
-    rows = (
-        scans.annotate(
-            pending=Count("pages", filter=Q(pages__status=Page.Status.PENDING)),
-            running=Count("pages", filter=Q(pages__status=Page.Status.RUNNING)),
-        )
-        .filter(pending__gt=0)
-        .order_by("created_at", "id")
-        .values("id", "owner_id", "priority", "created_at", "pending", "running", "options")[:1000]
+def _candidates(scan_ids: Collection[int] | None, slots: int) -> tuple[list[Candidate], dict[int, int]]:
+    """The active scans with pages waiting (limited to `scan_ids` if given) and every user's pages in
+    flight. Cheap at any queue length: an aggregate over the running pages only, and an index seek per
+    scan for whether it has a page waiting (how many does not matter beyond `slots`)."""
+    running_by_scan: dict[int, int] = {}
+    by_owner: dict[int, int] = {}
+    running = Page.objects.filter(status=Page.Status.RUNNING).values_list("scan_id", "scan__owner_id").annotate(n=Count("id"))
+    for scan_id, owner, count in running.order_by():
+        running_by_scan[scan_id] = count
+        by_owner[owner] = by_owner.get(owner, 0) + count
+    waiting = Scan.objects.filter(
+        Exists(Page.objects.filter(scan=OuterRef("pk"), status=Page.Status.PENDING)), status__in=Scan.ACTIVE
     )
+    if scan_ids is not None:
+        waiting = waiting.filter(pk__in=list(scan_ids))
+    rows = waiting.order_by("created_at", "pk").values_list("pk", "owner_id", "priority", "created_at", "options", "status")
     candidates = [
         Candidate(
-            scan_id=row["id"], owner_id=row["owner_id"], priority=row["priority"], created_at=row["created_at"],
-            pending=row["pending"], running=row["running"], cap=_cap(row["options"]),
+            scan_id=scan_id, owner_id=owner, priority=priority, created_at=created_at, pending=slots,
+            running=running_by_scan.get(scan_id, 0), cap=_cap(options), queued=status == Scan.Status.QUEUED,
         )
-        for row in rows
+        for scan_id, owner, priority, created_at, options, status in rows[:1000]
     ]
-    by_owner = dict(
-        Page.objects.filter(status=Page.Status.RUNNING)
-        .values_list("scan__owner_id")
-        .annotate(n=Count("id"))
-        .order_by()
-        .values_list("scan__owner_id", "n")
-    )
     return candidates, by_owner
 
 
@@ -279,31 +275,56 @@ def claim_pages(*, worker_id: str, slots: int, scan_ids: Collection[int] | None 
     """Take up to `slots` pending pages for this runner, shared fairly between users and scans
     (scans.scheduling), lowest page numbers first; `scan_ids` limits the choice (the `ocr` command's
     own scans). Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
-    if slots <= 0:
-        return []
     now = timezone.now()
     claimed: list[ClaimedPage] = []
     with transaction.atomic():
-        candidates, by_owner = _candidates(scan_ids)
-        for scan_id, count in allocate(slots, candidates, by_owner).items():
-            numbers = list(
-                Page.objects.select_for_update(skip_locked=True)
-                .filter(scan_id=scan_id, status=Page.Status.PENDING)
-                .order_by("number")
-                .values_list("number", flat=True)[:count]
-            )
-            if not numbers:
-                continue
-            taken = Page.objects.filter(scan_id=scan_id, number__in=numbers, status=Page.Status.PENDING)
-            taken.update(status=Page.Status.RUNNING, worker_id=worker_id, started_at=now, attempts=1)
-            started = Scan.objects.filter(pk=scan_id, status=Scan.Status.QUEUED).update(
-                status=Scan.Status.PROCESSING, started_at=Coalesce(F("started_at"), now), finished_at=None, error=""
-            )
-            if started:
-                publish_scan_on_commit(scan_id)
-            pages = Page.objects.filter(scan_id=scan_id, number__in=numbers, worker_id=worker_id, status=Page.Status.RUNNING)
-            claimed += [ClaimedPage(page, bool(started)) for page in pages.only(*PAGE_STATE_FIELDS).order_by("number")]
+        candidates, by_owner = _candidates(scan_ids, slots)
+        while slots > 0 and candidates:
+            granted = allocate(slots, candidates, by_owner)
+            taken = {}
+            for candidate in candidates:
+                if candidate.scan_id in granted:
+                    pages = _claim_from(candidate, granted[candidate.scan_id], worker_id, now)
+                    taken[candidate.scan_id] = len(pages)
+                    claimed += pages
+            slots -= sum(taken.values())
+            # A scan with fewer pages waiting than it was granted leaves the rest to the others.
+            exhausted = {scan_id for scan_id, count in taken.items() if count < granted[scan_id]}
+            if not exhausted:
+                break
+            for candidate in candidates:
+                by_owner[candidate.owner_id] = by_owner.get(candidate.owner_id, 0) + taken.get(candidate.scan_id, 0)
+            candidates = [
+                replace(c, running=c.running + taken.get(c.scan_id, 0), queued=c.queued and c.scan_id not in taken)
+                for c in candidates
+                if c.scan_id not in exhausted
+            ]
     return claimed
+
+
+def _claim_from(candidate: Candidate, count: int, worker_id: str, now) -> list[ClaimedPage]:
+    """Inside claim_pages' transaction: the scan's `count` lowest pending pages, marked running; the
+    first claim of a queued scan starts it."""
+    scan_id = candidate.scan_id
+    pages = list(
+        Page.objects.select_for_update(skip_locked=True)
+        .filter(scan_id=scan_id, status=Page.Status.PENDING)
+        .order_by("number")
+        .only(*PAGE_STATE_FIELDS)[:count]
+    )
+    if not pages:
+        return []
+    Page.objects.filter(pk__in=[page.pk for page in pages]).update(
+        status=Page.Status.RUNNING, worker_id=worker_id, started_at=now, attempts=1
+    )
+    started = candidate.queued and Scan.objects.filter(pk=scan_id, status=Scan.Status.QUEUED).update(
+        status=Scan.Status.PROCESSING, started_at=Coalesce(F("started_at"), now), finished_at=None, error=""
+    )
+    if started:
+        publish_scan_on_commit(scan_id)
+    for page in pages:  # as just written
+        page.status, page.worker_id, page.started_at, page.attempts = Page.Status.RUNNING, worker_id, now, 1
+    return [ClaimedPage(page, bool(started)) for page in pages]
 
 
 # --- page results ----------------------------------------------------------------------------------
@@ -371,8 +392,7 @@ def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommi
     written: list[Page | None] = []
     with transaction.atomic():
         scan_ids = sorted({o.scan_id for o in outcomes})
-        # Lock the scans (in id order) so two runners committing a scan's last pages agree on who finishes it.
-        list(Scan.objects.select_for_update().filter(pk__in=scan_ids).order_by("pk").values_list("pk", flat=True))
+        _lock_scans(scan_ids)
         tokens: dict[int, list[int]] = {}
         for outcome in outcomes:
             result = outcome.result
@@ -404,17 +424,26 @@ def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommi
     return [PageCommit(page, statuses.get(o.scan_id)) for o, page in zip(outcomes, written)]
 
 
+def _lock_scans(scan_ids: Sequence[int]) -> None:
+    """Inside a transaction: lock the scans' rows, in id order, so two runners committing a scan's last
+    pages agree on who finishes it. SQLite needs nothing: its write transactions take turns."""
+    if connection.features.has_select_for_update:
+        list(Scan.objects.select_for_update().filter(pk__in=scan_ids).order_by("pk").values_list("pk", flat=True))
+
+
 def _finish_completed(scan_ids: Collection[int], now) -> list[int]:
     """Inside a transaction: close each processing scan of `scan_ids` that has no page left to send,
     `done` or `done_with_errors` from its pages."""
-    unfinished = set(
-        Page.objects.filter(scan_id__in=list(scan_ids), status__in=UNFINISHED_PAGES).values_list("scan_id", flat=True)
+    pages = Page.objects.filter(scan_id__in=list(scan_ids))
+    unfinished = set(pages.filter(status__in=UNFINISHED_PAGES).values_list("scan_id", flat=True).distinct().order_by())
+    completed = [scan_id for scan_id in scan_ids if scan_id not in unfinished]
+    if not completed:
+        return []
+    failed = set(
+        pages.filter(scan_id__in=completed, status=Page.Status.FAILED).values_list("scan_id", flat=True).distinct().order_by()
     )
-    failed = set(Page.objects.filter(scan_id__in=list(scan_ids), status=Page.Status.FAILED).values_list("scan_id", flat=True))
     finished = []
-    for scan_id in scan_ids:
-        if scan_id in unfinished:
-            continue
+    for scan_id in completed:
         status = Scan.Status.DONE_WITH_ERRORS if scan_id in failed else Scan.Status.DONE
         if Scan.objects.filter(pk=scan_id, status=Scan.Status.PROCESSING).update(status=status, finished_at=now):
             publish_scan_on_commit(scan_id)
@@ -434,7 +463,7 @@ def finish_completed_scans() -> list[int]:
     if not candidates:
         return []
     with transaction.atomic():
-        list(Scan.objects.select_for_update().filter(pk__in=candidates).order_by("pk").values_list("pk", flat=True))
+        _lock_scans(candidates)
         return _finish_completed(candidates, timezone.now())
 
 

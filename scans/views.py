@@ -17,7 +17,7 @@ from django.utils.http import content_disposition_header
 from django.views.decorators.http import require_POST
 
 from scans import exports, page_view, selectors, services, thumbnails
-from scans.access import get_visible_scan, visible_scans
+from scans.access import avisible_scans, get_visible_scan, may_act
 from scans.models import CURRENT_TEXT_FIELDS, Page, Scan
 from scans.searchable_pdf import SearchablePdfError
 from scans.uploads import SUPPORTED, create_scan_from_upload, judge
@@ -74,6 +74,8 @@ def scan_detail(request: HttpRequest, scan_id: int) -> HttpResponse:
         "scan": scan, "pages": list(zip(pages, views)), "counts": counts, "can_retry": can_retry,
         "scan_warnings": page_view.warnings_of(scan.warnings), "pdf_note": page_view.pdf_note(scan),
         "reread_choices": READ_AGAIN_CHOICES,
+        "may_change": may_act(request.user, scan, "change"),
+        "may_delete": may_act(request.user, scan, "delete"),
     }
     return render(request, "scans/detail.html", context)
 
@@ -91,21 +93,24 @@ def page_fragment(request: HttpRequest, scan_id: int, number: int) -> HttpRespon
     or changes)."""
     scan = get_visible_scan(request.user, scan_id)
     page = get_object_or_404(Page.objects.select_related("corrected_by"), scan=scan, number=number)
-    context = {"scan": scan, "page": page, "view": page_view.page_view(page, scan), "reread_choices": READ_AGAIN_CHOICES}
+    context = {
+        "scan": scan, "page": page, "view": page_view.page_view(page, scan), "reread_choices": READ_AGAIN_CHOICES,
+        "may_change": may_act(request.user, scan, "change"),
+    }
     response = render(request, "scans/_page_body.html", context)
     response["Cache-Control"] = "no-store"
     return response
 
 
-def _visible_page(request: HttpRequest, scan_id: int, number: int) -> Page:
-    """The page of a scan the user may see, or 404."""
-    return get_object_or_404(Page, scan=get_visible_scan(request.user, scan_id), number=number)
+def _changeable_page(request: HttpRequest, scan_id: int, number: int) -> Page:
+    """The page of a scan the user may see (else 404) and change (else 403: scans.access)."""
+    return get_object_or_404(Page, scan=get_visible_scan(request.user, scan_id, action="change"), number=number)
 
 
 @login_required
 @require_POST
 def correct_page(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    page = _visible_page(request, scan_id, number)
+    page = _changeable_page(request, scan_id, number)
     text = request.POST.get("text")
     if text is None:
         return HttpResponseBadRequest("The form has no text field.")
@@ -117,7 +122,7 @@ def correct_page(request: HttpRequest, scan_id: int, number: int) -> HttpRespons
 @login_required
 @require_POST
 def revert_correction(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    services.revert_correction(page=_visible_page(request, scan_id, number))
+    services.revert_correction(page=_changeable_page(request, scan_id, number))
     messages.info(request, f"Page {number} shows the model's text again.")
     return _back_to_page(scan_id, number)
 
@@ -125,7 +130,7 @@ def revert_correction(request: HttpRequest, scan_id: int, number: int) -> HttpRe
 @login_required
 @require_POST
 def read_again(request: HttpRequest, scan_id: int, number: int) -> HttpResponse:
-    page = _visible_page(request, scan_id, number)
+    page = _changeable_page(request, scan_id, number)
     options = {}
     for key in services.REREAD_OPTIONS:
         value = request.POST.get(key, "").strip()
@@ -193,7 +198,7 @@ def original_file(request: HttpRequest, scan_id: int) -> FileResponse:
 @login_required
 @require_POST
 def cancel(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="change")
     if services.cancel_scan(scan=scan):
         messages.info(request, f"Cancelled {scan.original_filename}.")
     return redirect("scans:detail", scan_id=scan.pk)
@@ -202,7 +207,7 @@ def cancel(request: HttpRequest, scan_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def retry(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="change")
     count = services.retry_failed_pages(scan=scan)
     messages.info(request, f"Retrying {count} page(s)." if count else "There are no failed pages to retry.")
     return redirect("scans:detail", scan_id=scan.pk)
@@ -211,7 +216,7 @@ def retry(request: HttpRequest, scan_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
-    scan = get_visible_scan(request.user, scan_id)
+    scan = get_visible_scan(request.user, scan_id, action="delete")
     name = scan.original_filename
     services.delete_scan(scan=scan)
     messages.info(request, f"Deleted {name}.")
@@ -220,7 +225,7 @@ def delete(request: HttpRequest, scan_id: int) -> HttpResponse:
 
 async def _visible_scan(request: HttpRequest, scan_id: int) -> Scan:
     user = await request.auser()
-    scan = await visible_scans(user).filter(pk=scan_id).afirst()
+    scan = await (await avisible_scans(user)).filter(pk=scan_id).afirst()
     if scan is None:
         raise Http404("No such scan.")
     return scan

@@ -3,14 +3,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission
 
 
 @pytest.fixture(autouse=True)
 def _isolated_media(settings, tmp_path: Path) -> None:
-    """Every test stores uploads in its own folder, so 'nothing left behind' can be checked."""
+    """Every test stores uploads in its own folder, so 'nothing left behind' can be checked; and passwords
+    are hashed cheaply (PBKDF2 costs about a second per user on a busy machine)."""
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.FILE_UPLOAD_TEMP_DIR = str(tmp_path / "upload-tmp")
     (tmp_path / "upload-tmp").mkdir()
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture
@@ -26,6 +29,21 @@ def other_user(django_user_model):
 @pytest.fixture
 def staff_user(django_user_model):
     return django_user_model.objects.create_superuser(username="root", password="root-password-1")
+
+
+@pytest.fixture
+def user_with(django_user_model):
+    """A factory: a user holding exactly the given permissions ("app_label.codename"), staff or not. No
+    password (tests log in with force_login; hashing one costs a second on a busy machine)."""
+
+    def make(username: str, *permissions: str, staff: bool = False):
+        user = django_user_model.objects.create_user(username=username, password=None, is_staff=staff)
+        for permission in permissions:
+            app_label, codename = permission.split(".")
+            user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
+        return user
+
+    return make
 
 
 @pytest.fixture

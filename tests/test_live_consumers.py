@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from django.db import transaction
 from django.test import Client
 from django.utils import timezone
 
+from ocrsite import live
 from ocrsite.asgi import application
 from scans import events as scan_events
 from scans import progress
@@ -112,7 +114,7 @@ async def test_another_users_scan_is_closed_with_4403(user, bob_scan):
     assert await closed_with(missing) == 4403
 
 
-async def test_staff_may_watch_anyone_s_scan(staff_user, bob_scan):
+async def test_a_superuser_may_watch_anyone_s_scan(staff_user, bob_scan):
     headers = await sync_to_async(session_headers)(staff_user)
     communicator = await connect(f"/ws/scans/{bob_scan.pk}/", headers)
     snapshot = await receive(communicator)
@@ -188,6 +190,12 @@ async def test_status_change_resyncs_with_a_snapshot(user, alice_scan):
     headers = await sync_to_async(session_headers)(user)
     communicator = await connect(f"/ws/scans/{alice_scan.pk}/", headers)
     await receive(communicator)
+    # Work starting changes no page: its totals go through as they are.
+    await Scan.objects.filter(pk=alice_scan.pk).aupdate(status=Scan.Status.PROCESSING, started_at=timezone.now())
+    await progress.apublish_scan(alice_scan.pk)
+    progress_event = await receive(communicator)
+    assert progress_event["type"] == "scan.progress" and progress_event["totals"]["status"] == "processing"
+    # Any other change may have touched many pages at once: a snapshot.
     await Scan.objects.filter(pk=alice_scan.pk).aupdate(status=Scan.Status.CANCELLED, finished_at=timezone.now())
     await progress.apublish_scan(alice_scan.pk)
     snapshot = await receive(communicator)
@@ -322,7 +330,78 @@ async def test_every_event_type_the_code_emits_is_declared_and_matches(user, ali
     seen.add((await receive(list_socket))["type"])
     await events.publish_server_status(_status(state=ServerState.FAILED, last_error="boom"))
     seen.add((await receive(server_socket))["type"])
+    await server_socket.send_to(text_data="not json")
+    seen.add((await receive(server_socket))["type"])
 
     assert seen == set(EVENTS_BY_TYPE)
     for communicator in (scan_socket, list_socket, server_socket):
         await communicator.disconnect()
+
+
+# --- frames the browser should not send, and signing out ---------------------------------------------
+
+
+async def test_malformed_frames_are_answered_and_the_socket_stays_open(user, alice_scan, caplog, monkeypatch):
+    monkeypatch.setattr(live, "_refused_frames", live._LogThrottle(live.LOG_INTERVAL_S))
+    caplog.set_level(logging.WARNING, logger="ocrsite.live")
+    communicator = await connect(f"/ws/scans/{alice_scan.pk}/", await sync_to_async(session_headers)(user))
+    await receive(communicator)
+    for frame, reason in (
+        ({"text_data": "not json"}, "the frame is not JSON"),
+        ({"text": ""}, "the frame is not JSON"),  # the communicator's send_to refuses an empty text
+        ({"text_data": "[1, 2]"}, "the frame is not a JSON object"),
+        ({"text_data": '"resync"'}, "the frame is not a JSON object"),
+        ({"bytes_data": b"\x00\xff"}, "binary frames are not accepted"),
+        ({"text_data": '{"type": "delete_everything"}'}, "unknown message type 'delete_everything'"),
+        ({"text_data": '{"no": "type"}'}, "unknown message type 'None'"),
+    ):
+        if "text" in frame:
+            await communicator.send_input({"type": "websocket.receive", **frame})
+        else:
+            await communicator.send_to(**frame)
+        answer = await receive(communicator)
+        assert answer["type"] == "socket.error" and answer["message"].startswith(reason), (frame, answer)
+
+    # Still open and working: a resync, then a live event.
+    await communicator.send_json_to({"type": "resync"})
+    assert (await receive(communicator))["type"] == "scan.snapshot"
+    first = await Page.objects.aget(scan=alice_scan, number=1)
+    await progress.apublish_page(await finish_page(first.pk, "PAGE 1"))
+    assert [(await receive(communicator))["type"] for _ in range(2)] == ["page.update", "scan.progress"]
+
+    # One log line for the lot, without a traceback; the next one counts what was left out.
+    refused = [record for record in caplog.records if "Refused a WebSocket frame" in record.getMessage()]
+    assert len(refused) == 1 and refused[0].exc_info is None
+    assert refused[0].getMessage() == f"Refused a WebSocket frame on /ws/scans/{alice_scan.pk}/: the frame is not JSON"
+    live._refused_frames.next_at = 0.0
+    await communicator.send_to(text_data="{")
+    assert (await receive(communicator))["type"] == "socket.error"
+    refused = [record for record in caplog.records if "Refused a WebSocket frame" in record.getMessage()]
+    assert len(refused) == 2 and refused[1].getMessage().endswith("(and 6 more in the previous 60 s)")
+    await communicator.disconnect()
+
+
+async def test_signing_out_closes_that_sessions_sockets(user, alice_scan):
+    browser, other_browser = Client(), Client()
+    await sync_to_async(browser.force_login)(user)
+    await sync_to_async(other_browser.force_login)(user)
+
+    def headers(client: Client):
+        return [(b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()), (b"origin", ORIGIN)]
+
+    sockets = [await connect(path, headers(browser)) for path in (f"/ws/scans/{alice_scan.pk}/", "/ws/scans/", "/ws/server/")]
+    elsewhere = await connect(f"/ws/scans/{alice_scan.pk}/", headers(other_browser))
+    for communicator in (*sockets, elsewhere):
+        await receive(communicator)
+
+    response = await sync_to_async(browser.post)("/logout/")
+    assert response.status_code == 302
+    for communicator in sockets:
+        assert await closed_with(communicator) == 4401
+
+    # No page text reaches the signed-out sockets; the other session's socket carries on.
+    first = await Page.objects.aget(scan=alice_scan, number=1)
+    await progress.apublish_page(await finish_page(first.pk, "PAGE 1 private text"))
+    assert (await receive(elsewhere))["page"]["preview"] == "PAGE 1 private text"
+    assert await sockets[0].receive_nothing(timeout=0.3)
+    await elsewhere.disconnect()

@@ -10,13 +10,14 @@ from typing import Literal, get_args, get_origin, get_type_hints, is_typeddict
 
 import pytest
 
+from ocrsite import live
 from scans import events as scan_events
 from tests.support import REPO
 from vllm_control import events
 from vllm_control.status import ServerState, ServerStatus
 
-DECLARED: tuple[type, ...] = scan_events.SCAN_EVENT_TYPES + events.SERVER_EVENT_TYPES
-EMITTING_MODULES = ("scans/progress.py", "scans/selectors.py", "scans/consumers.py", "vllm_control/events.py", "vllm_control/consumers.py")
+DECLARED: tuple[type, ...] = scan_events.SCAN_EVENT_TYPES + events.SERVER_EVENT_TYPES + live.LIVE_EVENT_TYPES
+EMITTING_MODULES = ("ocrsite/live.py", "scans/progress.py", "scans/selectors.py", "scans/consumers.py", "vllm_control/events.py", "vllm_control/consumers.py")
 
 
 def event_type_name(declaration: type) -> str:
@@ -93,7 +94,7 @@ def _server_status(**overrides) -> ServerStatus:
 
 
 def test_checker_rejects_missing_extra_and_mistyped_fields():
-    good = events.status_event(_server_status(), staff=True)
+    good = events.status_event(_server_status(), detailed=True)
     check_event(good)
     missing = json.loads(json.dumps(good))
     del missing["status"]["pid"]
@@ -113,7 +114,7 @@ def test_every_declared_event_has_a_unique_literal_type():
     names = [event_type_name(d) for d in DECLARED]
     assert len(names) == len(set(names))
     assert {"scan.snapshot", "scan.progress", "page.update", "scans.list_item", "scans.snapshot",
-            "server.status", "server.snapshot"} == set(names)
+            "server.status", "server.snapshot", "socket.error"} == set(names)
 
 
 def test_every_type_literal_in_the_emitting_code_is_declared():
@@ -127,18 +128,39 @@ def test_every_type_literal_in_the_emitting_code_is_declared():
     assert found <= set(EVENTS_BY_TYPE), f"emitted but not declared: {found - set(EVENTS_BY_TYPE)}"
 
 
-def test_server_status_variants_hide_log_lines_from_non_staff():
-    status = _server_status(last_health_check="2025-01-01T00:00:00+00:00", latency_ms=3, uptime_s=1.5)
-    staff = events.status_event(status, staff=True)
-    public = events.snapshot_event(status, staff=False)
-    check_event(staff)
+def test_server_status_variants_hide_details_from_the_public():
+    status = _server_status(
+        last_health_check="2025-01-01T00:00:00+00:00", latency_ms=3, uptime_s=1.5, state=ServerState.FAILED,
+        last_error="vLLM exited with code 1 before it became ready. Last output: /srv/models/secret-path: denied",
+        base_url="http://user:pw@gpu:8000/v1",
+    )
+    detailed = events.status_event(status, detailed=True)
+    public = events.snapshot_event(status, detailed=False)
+    check_event(detailed)
     check_event(public)
-    assert staff["status"]["log_tail"] == ["line <b>"]
+    assert detailed["status"]["log_tail"] == ["line <b>"]
+    assert "secret-path" in detailed["status"]["last_error"]
     assert public["status"]["log_tail"] == []
-    assert public["status"]["pid"] == 12 and public["status"]["state"] == "ready"
+    assert public["status"]["last_error"] == events.PUBLIC_ERROR
+    assert public["status"]["pid"] == 12 and public["status"]["state"] == "failed"
+    for variant in (detailed, public):
+        assert variant["status"]["base_url"] == "http://***@gpu:8000/v1"
+        assert "pw" not in json.dumps(variant)
+    healthy = events.status_event(_server_status(), detailed=False)
+    assert healthy["status"]["last_error"] is None
+
+
+def test_urls_in_detailed_errors_and_log_lines_lose_their_credentials():
+    status = _server_status(
+        last_error="Cannot connect to the model server at https://ocr:s3cret@gpu.example/v1: refused.",
+        log_tail=["proxy http://a:b@c:1/x up", "plain line"],
+    )
+    shown = events.status_payload(status, detailed=True)
+    assert shown["last_error"] == "Cannot connect to the model server at https://***@gpu.example/v1: refused."
+    assert shown["log_tail"] == ["proxy http://***@c:1/x up", "plain line"]
 
 
 def test_server_status_accepts_every_state():
     for state in ServerState:
-        check_event(events.status_event(_server_status(state=state, pid=None, port=None), staff=False))
+        check_event(events.status_event(_server_status(state=state, pid=None, port=None), detailed=False))
 

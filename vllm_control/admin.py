@@ -15,8 +15,14 @@ class VLMSettingsAdmin(admin.ModelAdmin):
     ]
     list_display = ("__str__", "mode", "model", "updated_at")
 
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        # Viewing is managing here: a read-only change page would show the values the form keeps
+        # write-only, and the settings page needs the change permission too (vllm_control.permissions).
+        return self.has_change_permission(request, obj)
+
     def has_add_permission(self, request: HttpRequest) -> bool:
-        return not VLMSettings.objects.exists()
+        # The one row is created on first use; creating it here is changing the settings.
+        return self.has_change_permission(request) and not VLMSettings.objects.exists()
 
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return False

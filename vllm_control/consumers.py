@@ -1,6 +1,7 @@
 """WebSocket for the model server's status (`ws/server/`): a snapshot on connect, then every change.
 
-Staff receive the server's recent log lines; everyone else the same status without them.
+People who may manage the server receive its error details and recent log lines; everyone else the
+public variant (`vllm_control.events.status_payload`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 from ocrsite.live import LiveConsumer
 from vllm_control import events, runtime
 from vllm_control.config import aresolve_config
+from vllm_control.permissions import acan_manage_server
 from vllm_control.status import ServerState, ServerStatus
 
 logger = logging.getLogger(__name__)
@@ -25,11 +27,11 @@ async def current_status() -> ServerStatus:
 
 
 class ServerStatusConsumer(LiveConsumer):
-    staff: bool = False
+    detailed: bool = False
 
     async def authorize(self, user) -> list[str]:
-        self.staff = bool(user.is_staff)
-        return [events.SERVER_STATUS_STAFF_GROUP if self.staff else events.SERVER_STATUS_GROUP]
+        self.detailed = await acan_manage_server(user)
+        return [events.SERVER_STATUS_DETAILED_GROUP if self.detailed else events.SERVER_STATUS_GROUP]
 
     async def snapshot(self) -> events.ServerSnapshotEvent:
-        return events.snapshot_event(await current_status(), staff=self.staff)
+        return events.snapshot_event(await current_status(), detailed=self.detailed)

@@ -1,4 +1,5 @@
-"""Staff-only POST endpoints of the settings page: Start, Stop, Restart, Test connection (JSON answers)."""
+"""POST endpoints of the settings page: Start, Stop, Restart, Test connection (JSON answers). They need the
+permission to manage the model server (`vllm_control.permissions`)."""
 
 from __future__ import annotations
 
@@ -12,22 +13,25 @@ from django.views.decorators.http import require_POST
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
 from vllm_control.events import status_payload
+from vllm_control.permissions import can_manage_server
+from vllm_control.redaction import redact_urls
 from vllm_control.startup_errors import not_found
 from vllm_control.status import ServerStatus
 
 
 def _answer(ok: bool, message: str, status: ServerStatus | None, code: int = 200) -> JsonResponse:
-    payload = status_payload(status, staff=True) if status is not None else None
-    return JsonResponse({"ok": ok, "message": message, "status": payload}, status=code)
+    payload = status_payload(status, detailed=True) if status is not None else None
+    return JsonResponse({"ok": ok, "message": redact_urls(message), "status": payload}, status=code)
 
 
-def staff_post(view: Callable[[HttpRequest, EffectiveConfig], JsonResponse]):
+def manager_post(view: Callable[[HttpRequest, EffectiveConfig], JsonResponse]):
     @require_POST
     @wraps(view)
     def wrapper(request: HttpRequest) -> JsonResponse:
-        user = request.user
-        if not (user.is_authenticated and user.is_active and user.is_staff):
-            return _answer(False, "Only staff can control the model server.", None, 403)
+        if not request.user.is_authenticated:
+            return _answer(False, "Log in first.", None, 401)
+        if not can_manage_server(request.user):
+            return _answer(False, "You do not have the permission to manage the model server.", None, 403)
         try:
             config = resolve_config()
         except ImproperlyConfigured as exc:
@@ -43,7 +47,7 @@ def _local_only(config: EffectiveConfig, action: str) -> JsonResponse | None:
     return None
 
 
-@staff_post
+@manager_post
 def start(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     if refused := _local_only(config, "Start"):
         return refused
@@ -53,7 +57,7 @@ def start(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     return _answer(True, "Starting the vLLM server.", status)
 
 
-@staff_post
+@manager_post
 def stop(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     status = runtime.run_sync(runtime.stop_local, timeout=config.local.stop_grace_ms / 1000 + 60)
     if status is None:
@@ -61,7 +65,7 @@ def stop(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     return _answer(True, "The vLLM server was stopped.", status)
 
 
-@staff_post
+@manager_post
 def restart(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     if refused := _local_only(config, "Restart"):
         return refused
@@ -69,7 +73,7 @@ def restart(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     return _answer(True, "Restarting the vLLM server.", status)
 
 
-@staff_post
+@manager_post
 def test_connection(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
     if config.mode == "builtin":
         return _answer(False, "Built-in mode does not use a model server.", None, 400)

@@ -1,8 +1,10 @@
 """Model-server status events: typed payloads, the one function that turns a status into its payload,
 and the publisher.
 
-Two variants of every status go out: the full one (with the server's recent log lines) to staff, and a
-public one without log lines to everyone else. Publishing never raises into the caller.
+Two variants of every status go out: the detailed one (the server's error messages and recent log lines)
+to people who may manage the server (`vllm_control.permissions`), and a public one to everyone else, whose
+error is a generic sentence: vLLM's output can hold paths, hosts and anything else it printed. Credentials
+inside URLs are hidden in both. Publishing never raises into the caller.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from dataclasses import asdict
 from typing import Literal, TypedDict
 
 from ocrsite import live
+from vllm_control.redaction import redact_urls
 from vllm_control.status import ServerStatus
 
 SERVER_STATUS_GROUP = "server-status"
-SERVER_STATUS_STAFF_GROUP = "server-status-staff"
+SERVER_STATUS_DETAILED_GROUP = "server-status-detailed"
+PUBLIC_ERROR = "The model server has a problem; someone who manages it can see the details on the settings page."
 
 ServerStateName = Literal["stopped", "starting", "ready", "unhealthy", "stopping", "failed"]
 
@@ -30,8 +34,8 @@ class ServerStatusData(TypedDict):
     restart_count: int
     uptime_s: float | None
     last_health_check: str | None  # ISO 8601, UTC
-    last_error: str | None
-    log_tail: list[str]  # empty for non-staff
+    last_error: str | None  # detailed: the message; public: PUBLIC_ERROR (or None when there is none)
+    log_tail: list[str]  # empty in the public variant
     served_models: list[str]
     server_version: str | None
     latency_ms: float | None
@@ -51,27 +55,32 @@ class ServerSnapshotEvent(TypedDict):
 SERVER_EVENT_TYPES: tuple[type, ...] = (ServerStatusEvent, ServerSnapshotEvent)
 
 
-def status_payload(status: ServerStatus, *, staff: bool) -> ServerStatusData:
-    """The status as a viewer may see it: log lines only for staff."""
+def status_payload(status: ServerStatus, *, detailed: bool) -> ServerStatusData:
+    """The status as a viewer may see it: error details and log lines only when `detailed`."""
     data = asdict(status)
     data["state"] = str(status.state)
-    if not staff:
+    data["base_url"] = redact_urls(status.base_url)
+    if detailed:
+        data["last_error"] = redact_urls(status.last_error) if status.last_error else status.last_error
+        data["log_tail"] = [redact_urls(line) for line in status.log_tail]
+    else:
+        data["last_error"] = PUBLIC_ERROR if status.last_error else None
         data["log_tail"] = []
     return data  # type: ignore[return-value]
 
 
-def status_event(status: ServerStatus, *, staff: bool) -> ServerStatusEvent:
-    return ServerStatusEvent(type="server.status", status=status_payload(status, staff=staff))
+def status_event(status: ServerStatus, *, detailed: bool) -> ServerStatusEvent:
+    return ServerStatusEvent(type="server.status", status=status_payload(status, detailed=detailed))
 
 
-def snapshot_event(status: ServerStatus, *, staff: bool) -> ServerSnapshotEvent:
-    return ServerSnapshotEvent(type="server.snapshot", status=status_payload(status, staff=staff))
+def snapshot_event(status: ServerStatus, *, detailed: bool) -> ServerSnapshotEvent:
+    return ServerSnapshotEvent(type="server.snapshot", status=status_payload(status, detailed=detailed))
 
 
 async def publish_server_status(status: ServerStatus) -> None:
     """Send a status change to the settings pages and header indicators (never raises)."""
     messages = [
-        (SERVER_STATUS_STAFF_GROUP, status_event(status, staff=True)),
-        (SERVER_STATUS_GROUP, status_event(status, staff=False)),
+        (SERVER_STATUS_DETAILED_GROUP, status_event(status, detailed=True)),
+        (SERVER_STATUS_GROUP, status_event(status, detailed=False)),
     ]
     await live.publish(messages, read_at=time.time(), what="the model server's status")

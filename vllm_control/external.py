@@ -15,7 +15,9 @@ from datetime import UTC, datetime
 import httpx
 
 from vllm_control.config import EffectiveConfig
+from vllm_control.redaction import redact_urls
 from vllm_control.status import ServerState, ServerStatus
+from vllm_control.tls import tls_context
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +61,16 @@ async def probe(
         return ProbeResult(False, False, False, "No server URL is configured.")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     root = server_root(base_url)
+    # Messages name the server without the credentials a URL may carry (they reach pages and logs).
+    shown, shown_root = redact_urls(base_url), redact_urls(root)
     started = time.monotonic()
     try:
-        async with httpx.AsyncClient(timeout=timeout, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=timeout, trust_env=False, verify=tls_context()) as client:
             if check_health:
                 health = await client.get(f"{root}/health")
                 if health.status_code != 200:
                     return ProbeResult(
-                        False, True, True, f"The model server at {root} answered /health with HTTP {health.status_code}."
+                        False, True, True, f"The model server at {shown_root} answered /health with HTTP {health.status_code}."
                     )
             response = await client.get(f"{base_url}/models", headers=headers)
             latency_ms = round((time.monotonic() - started) * 1000, 1)
@@ -75,7 +79,7 @@ async def probe(
                     False,
                     True,
                     False,
-                    f"The model server at {base_url} rejected the API key (HTTP {response.status_code}). "
+                    f"The model server at {shown} rejected the API key (HTTP {response.status_code}). "
                     "Set the API key the server expects in the settings.",
                     latency_ms=latency_ms,
                 )
@@ -84,28 +88,28 @@ async def probe(
                     False,
                     True,
                     True,
-                    f"The model server at {base_url} answered /models with HTTP {response.status_code}.",
+                    f"The model server at {shown} answered /models with HTTP {response.status_code}.",
                     latency_ms=latency_ms,
                 )
             try:
                 served = [str(item["id"]) for item in response.json()["data"]]
             except (ValueError, KeyError, TypeError):
                 return ProbeResult(
-                    False, True, False, f"The server at {base_url} is not an OpenAI-compatible server "
+                    False, True, False, f"The server at {shown} is not an OpenAI-compatible server "
                     "(its /models answer is not a model list).", latency_ms=latency_ms
                 )
             version = await _version(client, root) if fetch_version else None
     except httpx.TimeoutException:
-        return ProbeResult(False, False, True, f"The model server at {base_url} did not answer within {timeout:g} s.")
+        return ProbeResult(False, False, True, f"The model server at {shown} did not answer within {timeout:g} s.")
     except httpx.HTTPError as exc:
-        return ProbeResult(False, False, True, f"Cannot connect to the model server at {base_url}: {exc or type(exc).__name__}.")
+        return ProbeResult(False, False, True, f"Cannot connect to the model server at {shown}: {redact_urls(str(exc)) or type(exc).__name__}.")
     if model not in served:
         listed = ", ".join(f"'{name}'" for name in served) or "no models"
         return ProbeResult(
             False,
             True,
             False,
-            f"The model server at {base_url} does not serve the model '{model}'; it serves {listed}.",
+            f"The model server at {shown} does not serve the model '{model}'; it serves {listed}.",
             served_models=served,
             server_version=version,
             latency_ms=latency_ms,

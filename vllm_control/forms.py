@@ -8,6 +8,9 @@ from django.core.exceptions import ImproperlyConfigured
 
 from vllm_control.config import normalize_base_url, parse_signal
 from vllm_control.models import VLMSettings
+from vllm_control.redaction import keep_hidden_credentials, redact_urls
+
+URL_FIELDS = ("base_url", "external_base_url")
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Model server": ("mode", "model", "served_model_name"),
@@ -38,7 +41,8 @@ def _check_http_url(value: str) -> None:
 
 
 class VLMSettingsForm(forms.ModelForm):
-    """Secrets are write-only: never rendered back; left blank they keep their saved value.
+    """Secrets are write-only: never rendered back; left blank they keep their saved value. Credentials
+    inside a URL are shown as `***`, which, submitted unchanged, keeps the saved ones.
 
     The `clear_*` boxes are declared on the class (not added per instance) so Django admin, which
     builds its form class from the fieldsets, knows them."""
@@ -58,7 +62,7 @@ class VLMSettingsForm(forms.ModelForm):
         }
         labels = {
             "hf_token": "Hugging Face token",
-            "local_api_key": "API key for the local server (--api-key)",
+            "local_api_key": "API key for the local server (given to it as VLLM_API_KEY)",
             "external_base_url": "External base URL",
             "external_api_key": "External API key",
             "start_timeout_s": "Start timeout (s)",
@@ -76,6 +80,8 @@ class VLMSettingsForm(forms.ModelForm):
             saved = bool(getattr(self.instance, name))
             self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
         self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
+        for name in URL_FIELDS:
+            self.initial[name] = redact_urls(self.initial.get(name) or "")
 
     def secret_rows(self) -> dict[str, forms.BoundField]:
         return {name: self[f"clear_{name}"] for name in VLMSettings.SECRET_FIELDS}
@@ -92,9 +98,14 @@ class VLMSettingsForm(forms.ModelForm):
     def clean_serve_args(self) -> str:
         value = self.cleaned_data["serve_args"].strip()
         try:
-            shlex.split(value)
+            args = shlex.split(value)
         except ValueError as exc:
             raise forms.ValidationError(f"Cannot split these arguments like a shell would: {exc}.") from None
+        if any(arg == "--api-key" or arg.startswith("--api-key=") for arg in args):
+            raise forms.ValidationError(
+                "Set the API key in its own field: ocrsite hands it to vLLM in the environment, while every local "
+                "user can read a command line (ps)."
+            )
         return value
 
     def clean_extra_body(self) -> dict:
@@ -115,6 +126,10 @@ class VLMSettingsForm(forms.ModelForm):
         value = self.cleaned_data[name].strip()
         if value:
             _check_http_url(value)
+            try:
+                value = keep_hidden_credentials(value, getattr(self.instance, name))
+            except ValueError as exc:
+                raise forms.ValidationError(str(exc)) from None
             return normalize_base_url(value)
         return value
 

@@ -16,11 +16,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from vllm_control.command import build_command
+from vllm_control.command import build_command, server_environment
 from vllm_control.config import EffectiveConfig, LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
 from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
+from vllm_control.redaction import redact_urls
 from vllm_control.status import ServerState, ServerStatus
 from vllm_control.supervisor import Supervisor
 
@@ -125,7 +126,7 @@ def _supervisor_for(local: LocalServerConfig) -> Supervisor:
 
 def needs_restart(old: LocalServerConfig, new: LocalServerConfig) -> bool:
     """The running server no longer matches the configuration (command line or environment)."""
-    return build_command(old) != build_command(new) or old.hf_token != new.hf_token
+    return build_command(old) != build_command(new) or server_environment(old, {}) != server_environment(new, {})
 
 
 def _ready_timeout(local: LocalServerConfig) -> float:
@@ -269,7 +270,7 @@ async def test_connection(config: EffectiveConfig) -> tuple[bool, str, ServerSta
     if status.state == ServerState.READY:
         detail = f" (vLLM {status.server_version})" if status.server_version else ""
         latency = f" in {status.latency_ms:g} ms" if status.latency_ms is not None else ""
-        return True, f"Connected to {status.base_url}{detail}{latency}; it serves '{status.model}'.", status
+        return True, f"Connected to {redact_urls(status.base_url)}{detail}{latency}; it serves '{status.model}'.", status
     return False, status.last_error or f"The model server is {status.state}.", status
 
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from vllm_control import watchdog
-from vllm_control.command import build_command, redact
+from vllm_control.command import build_command, redact, server_environment
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
@@ -347,9 +347,7 @@ class Supervisor:
 
     async def _spawn(self) -> watchdog.Supervised:
         argv = build_command(self.config)
-        env = dict(os.environ)
-        if self.config.hf_token:
-            env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = self.config.hf_token
+        env = server_environment(self.config, os.environ)
         logger.info("Starting vLLM: %s", " ".join(redact(argv)))
         self._run_lines.clear()
         vllm = await watchdog.start(

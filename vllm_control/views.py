@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 from django.contrib import messages
-from django.contrib.admin.views.decorators import staff_member_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -9,15 +11,19 @@ from django.shortcuts import redirect, render
 from vllm_control.config import describe_options, resolve_config
 from vllm_control.forms import SECTIONS, VLMSettingsForm
 from vllm_control.models import Mode, VLMSettings
+from vllm_control.permissions import MANAGE_SERVER
+from vllm_control.redaction import redact_urls
 from vllm_control.services import save_settings
 
 
-@staff_member_required(login_url="login")
+@login_required
+@permission_required(MANAGE_SERVER, raise_exception=True)
 def settings_page(request: HttpRequest) -> HttpResponse:
     row = VLMSettings.load()
     # Read before the form binds: validation writes the submitted values into `row`, and the page
     # shows what is saved until a save succeeds.
-    before, options = resolve_config(row), describe_options(row)
+    before = resolve_config(row)
+    options = [replace(option, value=redact_urls(option.value)) for option in describe_options(row)]
     form = VLMSettingsForm(request.POST or None, instance=row)
     if request.method == "POST" and form.is_valid():
         try:
@@ -36,6 +42,7 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "sections": sections,
             "clear_fields": form.secret_rows(),
             "config": before,
+            "base_url": redact_urls(before.base_url),
             "mode_label": Mode(before.mode).label,
             "options": options,
         },

@@ -23,9 +23,9 @@ class TransientEngineError(EngineError):
         self.status = status
 
 
-class OutputRejected(EngineError):
-    """The server answered, but the answer is unusable (cut off at max_tokens, or not in the
-    format the prompt asked for). Retry with a higher temperature. `text` is the rejected output."""
+class AnsweredError(EngineError):
+    """An error about an answer that arrived: what it said (`text`) and what it cost are kept with it,
+    so the page's tokens count it and a page that fails keeps its last output."""
 
     def __init__(
         self,
@@ -43,6 +43,11 @@ class OutputRejected(EngineError):
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
         self.latency_ms = latency_ms
+
+
+class OutputRejected(AnsweredError):
+    """The server answered, but the answer is unusable (cut off at max_tokens, or not in the
+    format the prompt asked for). Retry with a higher temperature. `text` is the rejected output."""
 
 
 class EmptyAnswer(OutputRejected):
@@ -73,14 +78,15 @@ class RequestRejected(EngineError):
 ContextOverflow = Literal["prompt", "max_tokens", "answer"]
 
 
-class ContextLimitExceeded(RequestRejected):
+class ContextLimitExceeded(AnsweredError):
     """The page does not fit the model's context (vLLM's `max_model_len`): its prompt (the image's tokens
     plus the text) is too long, the `max_tokens` asked for do not fit beside it (both a 400), or the
     answer was cut off by the context rather than by `max_tokens` (`too_long` "answer", with its text and
     tokens). A smaller image and fewer `max_tokens` may fit, so the page is retried that way first.
 
     `max_model_len` and `prompt_tokens` are what the server said (None when it did not say);
-    `max_tokens` is what was asked for."""
+    `max_tokens` is what was asked for; `answer` (keyword arguments of AnsweredError) the answer the
+    context cut off, if any."""
 
     def __init__(
         self,
@@ -91,20 +97,14 @@ class ContextLimitExceeded(RequestRejected):
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
         status: int | None = 400,
-        text: str = "",
-        finish_reason: str = "",
-        input_tokens: int = 0,
-        output_tokens: int = 0,
+        **answer,
     ) -> None:
-        super().__init__(message, status=status)
+        super().__init__(message, **answer)
         self.too_long = too_long
         self.max_model_len = max_model_len
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
-        self.text = text
-        self.finish_reason = finish_reason
-        self.input_tokens = input_tokens
-        self.output_tokens = output_tokens
+        self.status = status
 
 
 class UnparsableOutput(ValueError):

@@ -7,12 +7,18 @@ them in `Scan.options` (set by `manage.py ocr`, later by the API).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from vllm_control.config import normalize_base_url
 from vllm_control.models import VLMSettings
+from vllm_control.redaction import redact_urls
+
+# Option names that hold a secret (`api_key` from `ocr --queue --api-key`, and any key, token, secret or
+# password a later option might carry): never shown.
+SECRET_OPTION = re.compile(r"(^|_)(api_?key|key|token|secret|password)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,13 @@ class ScanOptions:
 
     def apply(self, ocr: OCRConfig) -> OCRConfig:
         return replace(ocr, prompt_preset=self.prompt) if self.prompt else ocr
+
+
+def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`Scan.options` as people may see them (admin, exports, the API): without the API key, and with
+    credentials inside URLs hidden. The runner reads the stored options, not these."""
+    return {
+        key: redact_urls(value) if isinstance(value, str) else value
+        for key, value in options.items()
+        if not SECRET_OPTION.search(key)
+    }

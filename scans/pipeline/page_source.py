@@ -43,8 +43,11 @@ class PageSource:
             return await loop.run_in_executor(
                 self._executor, render_page, document, self.path, number, self.longest_side, self.image_format, rotation
             )
-        except Exception as exc:
-            logger.warning("Page %s of %s could not be rendered", number, self.path.name, exc_info=True)
+        except (ValueError, OSError) as exc:  # what a damaged page raises (render_page's contract)
+            logger.warning("Page %s of %s could not be rendered: %s", number, self.path.name, _describe(exc))
+            return RenderFailure(number, f"The page could not be rendered: {_describe(exc)}")
+        except Exception as exc:  # anything else is a bug: keep its traceback
+            logger.exception("Page %s of %s could not be rendered", number, self.path.name)
             return RenderFailure(number, f"The page could not be rendered: {_describe(exc)}")
 
     def close(self) -> None:

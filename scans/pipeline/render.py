@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pypdfium2 as pdfium
 from PIL import Image, ImageChops
@@ -22,6 +23,7 @@ from scans.imaging import ImageDocument
 from scans.pipeline.types import PageImage, PageWarning, ScanWarning
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PDF_CONTENT_TYPE = "application/pdf"
 JPEG_QUALITY = 90
@@ -152,29 +154,23 @@ class PdfPages:
                 page.close()
         return image
 
-    def text(self, number: int) -> str:
+    def _read_text(self, number: int, read: Callable[[pdfium.PdfTextPage], T]) -> T:
         with pdfium_lock():
             page = self._load(number)
             try:
                 textpage = page.get_textpage()
                 try:
-                    return textpage.get_text_bounded()
+                    return read(textpage)
                 finally:
                     textpage.close()
             finally:
                 page.close()
 
+    def text(self, number: int) -> str:
+        return self._read_text(number, lambda textpage: textpage.get_text_bounded())
+
     def count_chars(self, number: int) -> int:
-        with pdfium_lock():
-            page = self._load(number)
-            try:
-                textpage = page.get_textpage()
-                try:
-                    return textpage.count_chars()
-                finally:
-                    textpage.close()
-            finally:
-                page.close()
+        return self._read_text(number, lambda textpage: textpage.count_chars())
 
     def has_text(self, pages_checked: int = TEXT_LAYER_PAGES_CHECKED) -> bool:
         """Whether any of the first pages has extractable text (a page that cannot be loaded has none)."""

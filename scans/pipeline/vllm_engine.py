@@ -43,6 +43,8 @@ from scans.pipeline.types import PageImage, PageResult, PageWarning
 from vllm_control.config import normalize_base_url
 from vllm_control.metrics import IN_FLIGHT, endpoint_label
 from vllm_control.models import VLMSettings
+from vllm_control.redaction import redact_urls
+from vllm_control.tls import tls_context
 
 CONNECT_TIMEOUT_S = 10.0
 ERROR_DETAIL_CHARS = 300
@@ -121,6 +123,7 @@ class VLLMEngine:
             raise ValueError("timeout_s must be positive: a request without a deadline can hang a page forever.")
         self.base_url = normalize_base_url(base_url)
         self.endpoint = endpoint_label(self.base_url)
+        self.shown_url = redact_urls(self.base_url)  # for messages: page errors reach browsers and logs
         self.model = model
         self.timeout_s = float(timeout_s)
         self.max_in_flight = max(1, max_in_flight)
@@ -128,6 +131,7 @@ class VLLMEngine:
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_s, connect=min(CONNECT_TIMEOUT_S, self.timeout_s)),
+            verify=tls_context(),
             limits=httpx.Limits(max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight),
         )
         self._slots = asyncio.Semaphore(self.max_in_flight)
@@ -236,13 +240,13 @@ class VLLMEngine:
                 return await self._client.post(url, json=payload, headers=self._headers)
         except (httpx.TimeoutException, TimeoutError):
             raise TransientEngineError(
-                f"The server at {self.base_url} did not answer within {self.timeout_s:g} s."
+                f"The server at {self.shown_url} did not answer within {self.timeout_s:g} s."
             ) from None
         except httpx.ConnectError as error:
-            raise TransientEngineError(f"Cannot connect to {self.base_url}: {error or 'connection refused'}.") from None
+            raise TransientEngineError(f"Cannot connect to {self.shown_url}: {redact_urls(str(error)) or 'connection refused'}.") from None
         except httpx.TransportError as error:
             raise TransientEngineError(
-                f"The connection to {self.base_url} failed: {error or type(error).__name__}."
+                f"The connection to {self.shown_url} failed: {redact_urls(str(error)) or type(error).__name__}."
             ) from None
 
     def _status_line(self, response: httpx.Response) -> str:
@@ -269,7 +273,7 @@ class VLLMEngine:
             raise TransientEngineError(said, retry_after=_retry_after(response), status=status)
         if status in (401, 403):
             raise PermanentEngineError(
-                f"The server at {self.base_url} rejected the API key ({status}): check the API key in the settings.",
+                f"The server at {self.shown_url} rejected the API key ({status}): check the API key in the settings.",
                 status=status,
             )
         if status == 404:
@@ -296,7 +300,7 @@ class VLLMEngine:
     async def _not_found_message(self, detail: str) -> str:
         served = await self.served_models()
         if served is None:
-            return f"No OpenAI-compatible API at {self.base_url} (404): {detail}"
+            return f"No OpenAI-compatible API at {self.shown_url} (404): {detail}"
         names = ", ".join(served) or "nothing"
         return f"The server does not serve model '{self.model}' (it serves: {names})."
 

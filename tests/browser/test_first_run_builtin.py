@@ -44,6 +44,11 @@ def test_a_fresh_install_without_vllm_reads_a_scanned_pdf(chromium_path, first_r
         page.click("#upload-form button[type=submit]")
         page.wait_for_url(re.compile(r".*/scans/\d+/$"))
         page.wait_for_function("() => document.querySelector('#scan').dataset.status === 'done'", timeout=120_000)
+        # The whole text, not the live preview (live.js fetches the rest and marks it complete).
+        page.wait_for_function(
+            "() => { const t = document.querySelector('#page-1 [data-field=text]');"
+            " return t.textContent.length > 0 && t.dataset.complete !== '0'; }"
+        )
         text = page.locator("#page-1 [data-field=text]").inner_text()
         browser.close()
 

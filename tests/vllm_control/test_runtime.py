@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from django.contrib.auth.models import Permission
 
 from tests.vllm_control.conftest import MODEL, make_local_config
 from vllm_control import runtime
@@ -51,7 +52,7 @@ async def test_ensure_ready_starts_the_local_server_on_demand_and_restarts_on_a_
 
 
 @pytest.mark.django_db
-def test_control_endpoints_are_staff_only_and_drive_the_server(clean_runtime, client, django_user_model, port, monkeypatch):
+def test_control_endpoints_need_the_permission_and_drive_the_server(clean_runtime, client, django_user_model, port, monkeypatch):
     monkeypatch.setenv("VLLM_BIN", str(make_local_config(port).vllm_bin))
     row = VLMSettings.load()
     row.mode, row.port, row.host, row.stop_grace_ms, row.health_check_interval_s = "local", port, "127.0.0.1", 1000, 1
@@ -63,6 +64,8 @@ def test_control_endpoints_are_staff_only_and_drive_the_server(clean_runtime, cl
     assert client.post(reverse("vllm_control:start")).status_code == 403
     user.is_staff = True
     user.save()
+    assert client.post(reverse("vllm_control:start")).status_code == 403  # the staff flag alone is not enough
+    user.user_permissions.add(Permission.objects.get(codename="change_vlmsettings"))
     assert client.get(reverse("vllm_control:start")).status_code == 405
     answer = client.post(reverse("vllm_control:start")).json()
     assert answer["ok"] and answer["status"]["state"] in ("starting", "ready")

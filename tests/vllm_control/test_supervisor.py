@@ -303,11 +303,11 @@ async def test_a_long_healthy_run_resets_the_restart_count(port, tmp_path, test_
 
 async def test_secrets_in_vllm_output_are_redacted(supervisors, port, tmp_path):
     echoing = tmp_path / "echoing-vllm"
-    echoing.write_text('#!/bin/sh\necho "non-default args: $*"\necho "token=$HF_TOKEN"\nsleep 30\n')
+    echoing.write_text('#!/bin/sh\necho "non-default args: $*"\necho "token=$HF_TOKEN key=$VLLM_API_KEY"\nsleep 30\n')
     echoing.chmod(0o755)
     supervisor = supervisors(port, vllm_bin=str(echoing), api_key="sk-local-secret", hf_token="hf_secret_token")
     await supervisor.start()
     await wait_for(lambda: len(supervisor.status().log_tail) >= 2, 10, "the output")
     tail = "\n".join(supervisor.status().log_tail)
-    assert "--api-key ***" in tail and "token=***" in tail
+    assert "token=*** key=***" in tail
     assert "sk-local-secret" not in tail and "hf_secret_token" not in tail

@@ -23,17 +23,20 @@ class Command(BaseCommand):
     def handle(self, *args, **options) -> None:
         config = resolve_config()
         status = asyncio.run(runtime.current_status(config, fresh=True))
+        # The operator at the console has the database and its secrets: the detailed variant, URL
+        # credentials hidden all the same (terminals get logged and pasted).
+        shown = status_payload(status, detailed=True)
         if options["json"]:
-            self.stdout.write(json.dumps(status_payload(status, staff=False)))
+            self.stdout.write(json.dumps(shown))
         else:
             self.stdout.write(f"mode: {status.mode}\nstate: {status.state}\nmodel: {status.model}")
             for label, value in (
-                ("base URL", status.base_url),
+                ("base URL", shown["base_url"]),
                 ("served models", ", ".join(status.served_models)),
                 ("server version", status.server_version),
                 ("latency", f"{status.latency_ms:g} ms" if status.latency_ms is not None else None),
                 ("last health check", status.last_health_check),
-                ("error", status.last_error),
+                ("error", shown["last_error"]),
             ):
                 if value:
                     self.stdout.write(f"{label}: {value}")

@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('scans', '0003_page_claims_and_workers'),
+        ('scans', '0004_scan_view_all_scans'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
