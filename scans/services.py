@@ -124,7 +124,7 @@ def reread_page(*, page: Page, options: dict[str, str]) -> bool:
         raise ValueError(f"Cannot override {', '.join(sorted(unknown))} when reading a page again.")
     overrides = {key: value for key, value in options.items() if value}
     with transaction.atomic():
-        Scan.objects.select_for_update().filter(pk=page.scan_id).values_list("pk", flat=True).first()
+        _lock_scans([page.scan_id])  # as commit_page_results does: the scan finishes or is queued again, not both
         rows = Page.objects.filter(pk=page.pk)
         changed = rows.filter(status=Page.Status.DONE).update(
             status=Page.Status.PENDING, reocr_options=overrides, worker_id="", started_at=None
