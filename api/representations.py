@@ -16,7 +16,7 @@ from rest_framework.request import Request
 
 from scans import selectors
 from scans.events import PageCounts, PageWarningData
-from scans.exports import FORMATS
+from scans.exports import FORMATS, correction_json, result_text
 from scans.models import Page, Scan
 from scans.pipeline.options import shown_options
 
@@ -132,14 +132,30 @@ def scan_list(scans: list[Scan], request: Request) -> list[dict[str, Any]]:
 class PageSerializer(serializers.ModelSerializer):
     """One page's outcome. `text` is model output: show it as text, never as HTML."""
 
+    text = serializers.SerializerMethodField(
+        help_text="What the page says: a person's correction where there is one, else the engine's text."
+    )
+    correction = serializers.SerializerMethodField(
+        help_text='null, or {"by", "at", "original_text"}: who corrected the page, when, and the engine\'s text.'
+    )
+    rereading = serializers.BooleanField(
+        source="is_rereading", read_only=True, help_text="Being read again; `text` is the previous reading meanwhile."
+    )
     warnings = serializers.SerializerMethodField()
 
     class Meta:
         model = Page
         fields = (
-            "number", "status", "text", "error", "warnings", "fallback", "attempts", "latency_ms", "finish_reason",
-            "input_tokens", "output_tokens", "started_at", "finished_at",
+            "number", "status", "text", "correction", "rereading", "error", "warnings", "fallback", "attempts",
+            "latency_ms", "finish_reason", "input_tokens", "output_tokens", "started_at", "finished_at",
         )
+
+    def get_text(self, page: Page) -> str:
+        return result_text(page)
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_correction(self, page: Page) -> dict[str, Any] | None:
+        return correction_json(page)
 
     def get_warnings(self, page: Page) -> list[PageWarningData]:
         return list(page.warnings or [])

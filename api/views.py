@@ -34,6 +34,7 @@ from api.uploads import upload_scans
 from scans import exports, selectors, services
 from scans.access import get_visible_scan, visible_scans
 from scans.models import Scan
+from scans.searchable_pdf import SearchablePdfError
 from vllm_control import runtime
 from vllm_control.config import resolve_config
 from vllm_control.events import ServerStatusData, status_payload
@@ -138,7 +139,7 @@ class ScanPagesView(generics.GenericAPIView):
 
     @extend_schema(summary="A scan's pages: status, text, warnings", responses={200: PageSerializer(many=True), **ERRORS})
     def get(self, request: Request, scan_id: int) -> Response:
-        pages = selectors.ordered_pages(get_visible_scan(request.user, scan_id))
+        pages = selectors.ordered_pages(get_visible_scan(request.user, scan_id)).select_related("corrected_by")
         return self.get_paginated_response(PageSerializer(self.paginate_queryset(pages), many=True).data)
 
 
@@ -182,7 +183,12 @@ class ScanExportView(APIView):
     def get(self, request: Request, scan_id: int) -> HttpResponse:
         scan = get_visible_scan(request.user, scan_id)
         content_type, _ = exports.FORMATS[self.fmt]
-        response = HttpResponse(exports.render(scan, self.fmt), content_type=content_type)
+        try:
+            content = exports.render(scan, self.fmt)
+        except (SearchablePdfError, OSError) as exc:  # the searchable PDF needs the stored file, readable
+            detail = f"The searchable PDF could not be made: {exc}"
+            return Response({"detail": detail}, status=status.HTTP_409_CONFLICT)
+        response = HttpResponse(content, content_type=content_type)
         stem = scan.original_filename.rsplit(".", 1)[0] or f"scan-{scan.pk}"
         response["Content-Disposition"] = content_disposition_header(as_attachment=True, filename=f"{stem}.{self.fmt}")
         return response
@@ -194,7 +200,7 @@ def export_view(fmt: str) -> type[ScanExportView]:
 
     @extend_schema(
         summary=f"Download the scan as .{fmt}", operation_id=f"scans_export_{fmt}",
-        responses={(200, media_type): OpenApiResponse(OpenApiTypes.BINARY, description=f"The .{fmt} file."), **ERRORS},
+        responses={(200, media_type): OpenApiResponse(OpenApiTypes.BINARY, description=f"The .{fmt} file."), 409: PROBLEM, **ERRORS},
     )
     def get(self, request: Request, scan_id: int) -> HttpResponse:
         return ScanExportView.get(self, request, scan_id)

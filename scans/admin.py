@@ -53,10 +53,14 @@ class ScanAdmin(admin.ModelAdmin):
 
 @admin.register(Page)
 class PageAdmin(admin.ModelAdmin):
-    list_display = ("scan", "number", "status", "attempts", "fallback", "latency_ms", "finish_reason")
+    list_display = ("scan", "number", "status", "attempts", "fallback", "latency_ms", "finish_reason", "corrected_at")
     list_filter = ("status", "fallback", "finish_reason")
-    search_fields = ("scan__original_filename", "text")
-    readonly_fields = ("scan", "number", "worker_id", "started_at", "finished_at")
+    search_fields = ("scan__original_filename", "text", "corrected_text")
+    # Corrections and new readings are made on the scan page (services publish them to the browsers).
+    readonly_fields = (
+        "scan", "number", "worker_id", "started_at", "finished_at", "engine", "model",
+        "corrected_text", "corrected_by", "corrected_at", "reocr_options",
+    )
 
     def get_queryset(self, request: HttpRequest):
         return super().get_queryset(request).filter(scan__in=visible_scans(request.user))

@@ -6,6 +6,7 @@ The command parses arguments and prints; this module owns who owns the scans, ho
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +117,21 @@ class Written:
     path: Path | None  # None: nothing to write (no page was read)
 
 
+def _is_the_scan_s_file(path: Path, scan: Scan) -> bool:
+    """Whether `path` holds the very file the scan was read from (a PDF written next to itself)."""
+    try:
+        if path.stat().st_size != scan.size:
+            return False
+        with path.open("rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() == scan.sha256
+    except OSError:
+        return False
+
+
 def write_outputs(scan_ids: list[int], out_dir: Path, fmt: str) -> list[Written]:
     """One output per scan in `out_dir`, named after the uploaded file (`report.pdf` -> `report.md`;
-    a name taken twice gets the scan id). A scan that failed still gets its done pages written."""
+    a name taken twice gets the scan id; a searchable PDF that would replace the file it was read
+    from is `report.ocr.pdf`). A scan that failed still gets its done pages written."""
     used: set[str] = set()
     written = []
     scans = Scan.objects.in_bulk(scan_ids)
@@ -130,6 +143,8 @@ def write_outputs(scan_ids: list[int], out_dir: Path, fmt: str) -> list[Written]
             name = f"{Path(scan.original_filename).stem or f'scan-{scan.pk}'}.{fmt}"
             if name in used:
                 name = f"{Path(name).stem}-{scan.pk}.{fmt}"
+            if fmt == "pdf" and _is_the_scan_s_file(out_dir / name, scan):
+                name = f"{Path(name).stem}.ocr.pdf"
             used.add(name)
             path = out_dir / name
             content = exports.render(scan, fmt)

@@ -6,17 +6,21 @@ Payload text is model output: browsers render it as text, never as HTML.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal, TypedDict
 
 from django.urls import NoReverseMatch, reverse
 
-from scans.models import Page, Scan
+from scans.models import CURRENT_TEXT_FIELDS, Page, Scan
 
 PREVIEW_CHARS = 300
 # What a page's live event shows (page_state below).
-PAGE_STATE_FIELDS = ("id", "scan_id", "number", "status", "attempts", "latency_ms", "text", "error", "fallback", "warnings")
+PAGE_STATE_FIELDS = (
+    "id", "scan_id", "number", "attempts", "latency_ms", "error", "fallback", "warnings", *CURRENT_TEXT_FIELDS,
+)
 RATE_WINDOW_S = 60.0  # pages/s is measured over the pages finished in this trailing window
 ALL_SCANS_GROUP = "all-scans"
 
@@ -80,11 +84,16 @@ class PageState(TypedDict):
     status: PageStatusName
     attempts: int
     latency_ms: int | None
-    preview: str  # the first PREVIEW_CHARS characters of the text; model output, render as text only
+    # The first PREVIEW_CHARS characters of the page's text (Page.current_text: a correction, else the
+    # engine's); model output, render as text only.
+    preview: str
     text_length: int
     error: str
     fallback: bool
     warnings: list[PageWarningData]
+    corrected: bool  # a person corrected the text
+    rereading: bool  # being read again; the text is the previous result until the new one arrives
+    rev: str  # changes whenever what the page view shows of the page changes (a digest)
 
 
 class ScanState(TypedDict):
@@ -195,8 +204,8 @@ def totals(scan: Scan, counts: PageCounts, window_start: datetime, now: datetime
 
 
 def page_state(page: Page) -> PageState:
-    text = page.text or ""
-    return PageState(
+    text = page.current_text
+    state = PageState(
         number=page.number,
         status=page.status,  # type: ignore[typeddict-item]
         attempts=page.attempts,
@@ -206,7 +215,13 @@ def page_state(page: Page) -> PageState:
         error=page.error or "",
         fallback=bool(page.fallback),
         warnings=list(page.warnings or []),
+        corrected=page.is_corrected,
+        rereading=page.is_rereading,
+        rev="",
     )
+    shown = [state, text, _iso(page.corrected_at), page.has_result]
+    state["rev"] = hashlib.blake2b(json.dumps(shown, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return state
 
 
 def scan_state(scan: Scan) -> ScanState:

@@ -1,7 +1,8 @@
 """Downloads of a scan's result: Markdown, plain text, JSON and a searchable PDF, pages always in order.
 
 Every export takes a page's text from `page_text(page)`, the one place that decides what a page's
-text is (a person's correction, once pages have them, goes there).
+text is: a person's correction when there is one (`Page.corrected_text`; the engine's output stays
+in `Page.text` and in the `.json`), else the engine's text, kept while the page is read again.
 
 Page boundaries:
 - `.md`: each page starts with a line `<!-- page N -->` (an HTML comment: invisible when the Markdown
@@ -13,8 +14,10 @@ Page boundaries:
   `text.split("\\f")[N - 1]` is always page N. (OCRmyPDF writes one `[OCR skipped on page(s) 1-2]`
   for a run of pages, which shifts the count; here a page without text is the line
   `[OCR failed on page N: reason]` or `[page N not processed yet]`, and a blank page is empty.)
-- `.json`: a list of pages with their status, warnings, engine, model, tokens and (where the engine
-  gave them) word boxes; the scan's options without secrets.
+- `.json`: a list of pages with their status, warnings, engine, model, tokens, correction (who,
+  when, the engine's original text) and (where the engine gave them) word boxes; the scan's options
+  without secrets.
+- `.pdf`: the searchable PDF (scans.searchable_pdf) with each page's plain text as its text layer.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from django.db.models import BooleanField, ExpressionWrapper, Q
+
 from scans.markup import markdown_to_text
-from scans.models import Page, Scan
+from scans.models import CURRENT_TEXT_FIELDS, Page, Scan
 from scans.pipeline.options import shown_options
 from scans.searchable_pdf import PageText, Placement, placement_of, write_searchable_pdf
 from scans.selectors import ordered_pages
@@ -39,16 +44,17 @@ PAGE_SEPARATOR = "\f"
 # text layer (`fallback`) is plain text too.
 PLAIN_TEXT_ENGINES = frozenset({"builtin", "tesseract", "rapidocr"})
 def page_text(page: Page) -> str:
-    """The text of a page as every export has it ("" for a page that is not done)."""
-    return page.text.strip() if page.status == Page.Status.DONE else ""
+    """The text of a page as every export has it: its correction, else the engine's text ("" for a page
+    without a result: see `Page.has_result`)."""
+    return page.current_text.strip()
 
 
 def page_engine(page: Page, scan: Scan) -> str:
-    return getattr(page, "engine", "") or scan.engine
+    return page.engine or scan.engine
 
 
 def page_model(page: Page, scan: Scan) -> str:
-    return getattr(page, "model", "") or scan.model
+    return page.model or scan.model
 
 
 def page_is_markdown(page: Page, scan: Scan) -> bool:
@@ -76,10 +82,9 @@ def _comment(text: str) -> str:
 def markdown_part(page: Page) -> str:
     """One page's part of the `.md` export: its marker line, then its Markdown or why it has none."""
     marker = PAGE_MARKER.format(number=page.number)
-    if page.status == Page.Status.FAILED:
-        return f"{marker}\n\n{_comment('OCR failed: ' + _reason(page))}"
-    if page.status != Page.Status.DONE:
-        return f"{marker}\n\n{_comment('not processed yet')}"
+    if not page.has_result:
+        why = "OCR failed: " + _reason(page) if page.status == Page.Status.FAILED else "not processed yet"
+        return f"{marker}\n\n{_comment(why)}"
     text = page_text(page)
     return f"{marker}\n\n{text}" if text else marker
 
@@ -103,9 +108,9 @@ def split_markdown(document: str) -> dict[int, str]:
 
 def text_part(page: Page, scan: Scan) -> str:
     """One page's chunk of the `.txt` export."""
-    if page.status == Page.Status.FAILED:
-        return f"[OCR failed on page {page.number}: {_reason(page)}]\n"
-    if page.status != Page.Status.DONE:
+    if not page.has_result:
+        if page.status == Page.Status.FAILED:
+            return f"[OCR failed on page {page.number}: {_reason(page)}]\n"
         return f"[page {page.number} not processed yet]\n"
     text = page_plain_text(page, scan).replace(PAGE_SEPARATOR, "\n")
     return text + "\n" if text else ""
@@ -122,13 +127,34 @@ def _iso(value) -> str | None:
     return value.isoformat() if value else None
 
 
+def result_text(page: Page) -> str:
+    """The text the JSON export and the API give: what the page says, else a failed page's partial answer."""
+    return page_text(page) if page.has_result else page.text
+
+
+def correction_json(page: Page) -> dict[str, Any] | None:
+    """Who corrected the page and when, with the engine's text it replaced; None when not corrected."""
+    if not page.is_corrected:
+        return None
+    return {
+        "by": page.corrected_by.get_username() if page.corrected_by else None,
+        "at": _iso(page.corrected_at),
+        "original_text": page.text,
+    }
+
+
 def page_json(page: Page, scan: Scan) -> dict[str, Any]:
-    """A page in the `.json` export. `warnings` ({"code", "message"} each) and `layout` (a PageLayout:
-    pixel boxes of the image the engine read) are empty where the engine gave none."""
+    """A page in the `.json` export. `text` is what the page says (a person's correction where there is
+    one; a failed page's partial answer); `correction` is None or {"by", "at", "original_text"};
+    `rereading` says the page is being read again (its text is the previous result). `warnings`
+    ({"code", "message"} each) and `layout` (a PageLayout: pixel boxes of the image the engine read)
+    are empty where the engine gave none."""
     return {
         "number": page.number,
         "status": page.status,
-        "text": page_text(page) if page.status == Page.Status.DONE else page.text,
+        "text": result_text(page),
+        "correction": correction_json(page),
+        "rereading": page.is_rereading,
         "format": "markdown" if page_is_markdown(page, scan) else "text",
         "engine": page_engine(page, scan),
         "model": page_model(page, scan),
@@ -139,14 +165,14 @@ def page_json(page: Page, scan: Scan) -> dict[str, Any]:
         "latency_ms": page.latency_ms,
         "finish_reason": page.finish_reason,
         "error": page.error,
-        "warnings": list(getattr(page, "warnings", None) or []),
-        "layout": getattr(page, "layout", None) or None,
+        "warnings": list(page.warnings or []),
+        "layout": page.layout or None,
         "metadata": page.metadata,
     }
 
 
 def export_json(scan: Scan) -> dict[str, Any]:
-    pages = [page_json(page, scan) for page in ordered_pages(scan)]
+    pages = [page_json(page, scan) for page in ordered_pages(scan).select_related("corrected_by")]
     return {
         "scan": {
             "id": scan.pk,
@@ -166,6 +192,7 @@ def export_json(scan: Scan) -> dict[str, Any]:
             "pages_failed": sum(1 for page in pages if page["status"] == Page.Status.FAILED),
             "pages_fallback": sum(1 for page in pages if page["fallback"]),
             "pages_with_warnings": sum(1 for page in pages if page["warnings"]),
+            "pages_corrected": sum(1 for page in pages if page["correction"]),
             "created_at": _iso(scan.created_at),
             "started_at": _iso(scan.started_at),
             "finished_at": _iso(scan.finished_at),
@@ -193,7 +220,7 @@ def page_text_layer(page: Page, scan: Scan) -> PageText:
     """What the searchable PDF lays over one page."""
     return PageText(
         text=page_plain_text(page, scan),
-        layout=getattr(page, "layout", None) or None,
+        layout=page.layout or None,
         rotation=layout_rotation(page.metadata or {}),
     )
 
@@ -204,13 +231,36 @@ def page_placement(page: Page, scan: Scan) -> Placement:
     return placement_of(page_text_layer(page, scan))
 
 
-def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:
-    """Write the scan's searchable PDF to `output`; returns each page's `Placement` (see
-    scans.searchable_pdf) so a caller can say how well the text is positioned. Blocking (run it off
-    the event loop); raises scans.searchable_pdf.SearchablePdfError, or OSError when the stored file
-    is gone."""
-    layers = [page_text_layer(page, scan) for page in ordered_pages(scan)]
+def placements(scan: Scan) -> dict[Placement, int]:
+    """How many pages the searchable PDF will place each way (see page_placement), told without
+    reading boxes or parsing Markdown (a scan's boxes can be megabytes): a page with boxes has word
+    boxes from a CPU engine, line boxes otherwise (scans.pipeline.line_boxes)."""
+    counts: dict[Placement, int] = {}
+    boxed = ExpressionWrapper(Q(layout__isnull=False), output_field=BooleanField())
+    for page in ordered_pages(scan).only(*CURRENT_TEXT_FIELDS, "engine").annotate(boxed=boxed):
+        placement: Placement = "none"
+        if page_text(page):
+            placement = "page" if not page.boxed else "words" if page_engine(page, scan) in PLAIN_TEXT_ENGINES else "lines"
+        counts[placement] = counts.get(placement, 0) + 1
+    return counts
+
+
+def pdf_layers(scan: Scan) -> list[PageText]:
+    """Every page's text layer, in order (reads the database; quick)."""
+    return [page_text_layer(page, scan) for page in ordered_pages(scan)]
+
+
+def write_pdf(scan: Scan, layers: list[PageText], output: Path | BinaryIO) -> list[Placement]:
+    """Write the searchable PDF of `scan` with `layers` (pdf_layers) to `output`: CPU-bound, no database,
+    so a server can run it in a worker thread. Returns each page's `Placement` (see scans.searchable_pdf);
+    raises scans.searchable_pdf.SearchablePdfError, or OSError when the stored file is gone."""
     return write_searchable_pdf(Path(scan.file.path), scan.content_type, layers, output)
+
+
+def export_pdf(scan: Scan, output: Path | BinaryIO) -> list[Placement]:
+    """Write the scan's searchable PDF to `output`; returns each page's `Placement`. Blocking (run it
+    off the event loop); raises as write_pdf."""
+    return write_pdf(scan, pdf_layers(scan), output)
 
 
 def export_pdf_bytes(scan: Scan) -> bytes:
@@ -224,12 +274,13 @@ def _export_json_text(scan: Scan) -> str:
     return json.dumps(export_json(scan), ensure_ascii=False, indent=2) + "\n"
 
 
-# The downloadable formats: extension -> (Content-Type, exporter). Views and `manage.py ocr` use this.
-# The searchable PDF is `export_pdf`/`export_pdf_bytes`, for the phase that wires `download.pdf`.
+# The downloadable formats: extension -> (Content-Type, exporter). Views, the API and `manage.py ocr`
+# use this (the web download of the PDF builds it in a worker thread: scans.views.download_pdf).
 FORMATS: dict[str, tuple[str, Callable[[Scan], str | bytes]]] = {
     "md": ("text/markdown; charset=utf-8", export_markdown),
     "txt": ("text/plain; charset=utf-8", export_text),
     "json": ("application/json", _export_json_text),
+    "pdf": ("application/pdf", export_pdf_bytes),
 }
 
 

@@ -71,6 +71,10 @@ class Scan(models.Model):
         return self.status in self.FINISHED
 
 
+# The fields `Page.current_text` reads (for `.only()`).
+CURRENT_TEXT_FIELDS = ("status", "text", "corrected_text", "corrected_at", "reocr_options", "finished_at")
+
+
 class Page(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -95,6 +99,20 @@ class Page(models.Model):
     warnings = models.JSONField(default=list, blank=True)
     # Word and line boxes where the engine gives them (scans.pipeline.types.PageLayout), else null.
     layout = models.JSONField(null=True, blank=True)
+    # Which engine and model wrote `text` ("" for pages read before this was recorded: the scan's).
+    engine = models.CharField(max_length=20, blank=True)
+    model = models.CharField(max_length=200, blank=True)
+    # A person's correction of `text` (the engine's output, which is kept beside it). A page is corrected
+    # when `corrected_at` is set; the correction may be empty (the person cleared the page).
+    corrected_text = models.TextField(blank=True)
+    corrected_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    corrected_at = models.DateTimeField(null=True, blank=True)
+    # Set while the page is being read again (services.reread_page): the overrides of the scan's options
+    # to read it with ({"prompt", "model", "engine"}, possibly empty); None otherwise. A page that had a
+    # result keeps it (text, status pending/running, `finished_at` set) until the new one arrives.
+    reocr_options = models.JSONField(null=True, blank=True, default=None)
     worker_id = models.CharField(max_length=100, blank=True)  # the Worker holding it while running
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -106,6 +124,33 @@ class Page(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scan_id} p{self.number}"
+
+    @property
+    def is_corrected(self) -> bool:
+        return self.corrected_at is not None
+
+    @property
+    def is_rereading(self) -> bool:
+        """Being read again (see `reocr_options`)."""
+        return self.reocr_options is not None and self.status in (self.Status.PENDING, self.Status.RUNNING)
+
+    @property
+    def has_engine_result(self) -> bool:
+        """Done, or being read again with its previous result standing until the new one arrives."""
+        return self.status == self.Status.DONE or (self.is_rereading and self.finished_at is not None)
+
+    @property
+    def has_result(self) -> bool:
+        """Whether the page has text to show and export: an engine's result or a correction."""
+        return self.is_corrected or self.has_engine_result
+
+    @property
+    def current_text(self) -> str:
+        """What the page says now: the correction if there is one, else the engine's text; "" without a
+        result. `scans.exports.page_text` (every export, the page view, live events) reads it here."""
+        if self.is_corrected:
+            return self.corrected_text
+        return self.text if self.has_engine_result else ""
 
 
 class Worker(models.Model):

@@ -72,6 +72,20 @@ async def apublish_scan(scan_id: int) -> None:
     await live.publish_built(lambda: _scan_messages(scan_id), what=f"the state of scan {scan_id}")
 
 
+def _page_messages(page_id: int) -> list[live.Message]:
+    page = Page.objects.filter(pk=page_id).only(*events.PAGE_STATE_FIELDS).first()
+    if page is None:  # deleted meanwhile
+        return []
+    update = events.PageUpdateEvent(type="page.update", scan_id=page.scan_id, page=events.page_state(page))
+    return [(events.scan_group(page.scan_id), update), *_scan_messages(page.scan_id)]
+
+
+def publish_page_on_commit(*, page_id: int) -> None:
+    """For sync code (services): publish a page that a person changed (a correction, a new reading)
+    and its scan's totals once the current transaction commits."""
+    live.publish_on_commit(lambda: _page_messages(page_id), what=f"the state of page {page_id}")
+
+
 def publish_scan_on_commit(scan_id: int) -> None:
     """For sync code (views, services): publish the scan once the current transaction commits."""
     live.publish_on_commit(lambda: _scan_messages(scan_id), what=f"the state of scan {scan_id}")

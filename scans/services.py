@@ -22,11 +22,12 @@ from django.db.models import Count, Exists, F, OuterRef
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from scans import thumbnails
 from scans.events import PAGE_STATE_FIELDS
 from scans.models import Page, Scan, Worker
 from scans.pipeline import queue_signals
-from scans.pipeline.types import PageResult
-from scans.progress import publish_scan_on_commit
+from scans.pipeline.types import PageResult, PageWarning
+from scans.progress import publish_page_on_commit, publish_scan_on_commit
 from scans.scheduling import Candidate, allocate
 from scans.signals import send_scan_finished_on_commit
 
@@ -52,6 +53,14 @@ def create_pages(scan: Scan) -> int:
     return len(missing)
 
 
+# A failed page sent again starts over.
+_FAILED_PAGE_RESET = dict(
+    status=Page.Status.PENDING, error="", text="", attempts=0, finish_reason="", worker_id="",
+    started_at=None, finished_at=None, latency_ms=None, warnings=[],
+)
+_SCAN_REQUEUED = dict(status=Scan.Status.QUEUED, error="", started_at=None, finished_at=None)
+
+
 def retry_failed_pages(*, scan: Scan) -> int:
     """Put a finished scan's failed pages back to pending and requeue it; returns how many pages
     will be sent. A cancelled or failed scan's other unfinished pages resume as well."""
@@ -60,17 +69,73 @@ def retry_failed_pages(*, scan: Scan) -> int:
         current = locked.first()
         if current is None:
             return 0
-        current.pages.filter(status=Page.Status.FAILED).update(
-            status=Page.Status.PENDING, error="", text="", attempts=0, finish_reason="", worker_id="",
-            started_at=None, finished_at=None, latency_ms=None, warnings=[],
-        )
+        current.pages.filter(status=Page.Status.FAILED).update(**_FAILED_PAGE_RESET)
         unfinished = current.pages.filter(status__in=UNFINISHED_PAGES).count()
         if not unfinished:
             return 0
-        Scan.objects.filter(pk=scan.pk).update(status=Scan.Status.QUEUED, error="", started_at=None, finished_at=None)
+        Scan.objects.filter(pk=scan.pk).update(**_SCAN_REQUEUED)
         announce_queued(scan_id=scan.pk)
     scan.refresh_from_db()
     return unfinished
+
+
+# --- corrections and single pages read again ---------------------------------------------------
+
+# What reading one page again may override in the scan's options (scans.pipeline.options.ScanOptions).
+REREAD_OPTIONS = ("prompt", "model", "engine")
+
+
+def correct_page(*, page: Page, text: str, user) -> Page:
+    """Store a person's correction of a page (any status): it replaces the engine's text, which stays
+    in `Page.text`, in the page view and every export, and stays in use when the page is read again.
+    Line ends are normalized to `\\n`. Text equal to the engine's is no correction (an existing one
+    is removed). Returns the page as stored."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    with transaction.atomic():
+        current = Page.objects.select_for_update().get(pk=page.pk)
+        if text == current.text and current.has_engine_result:
+            fields = dict(corrected_text="", corrected_by=None, corrected_at=None)
+        else:
+            fields = dict(corrected_text=text, corrected_by=user, corrected_at=timezone.now())
+        Page.objects.filter(pk=page.pk).update(**fields)
+        publish_page_on_commit(page_id=page.pk)
+    page.refresh_from_db()
+    return page
+
+
+def revert_correction(*, page: Page) -> Page:
+    """Drop the page's correction: the engine's text is the page's text again. Returns the page."""
+    with transaction.atomic():
+        Page.objects.filter(pk=page.pk).update(corrected_text="", corrected_by=None, corrected_at=None)
+        publish_page_on_commit(page_id=page.pk)
+    page.refresh_from_db()
+    return page
+
+
+def reread_page(*, page: Page, options: dict[str, str]) -> bool:
+    """Read one done or failed page again, with `options` (keys of REREAD_OPTIONS; empty values mean
+    "the scan's") overriding the scan's options for this page. A done page keeps its result (text,
+    status `pending` then `running`, `finished_at`) until the new one arrives, and keeps it with a
+    warning if the new reading fails (commit_page_results); a failed page starts over as with retry.
+    A finished scan is queued again (a cancelled or failed scan's other unfinished pages resume too).
+    Returns False when the page is already waiting to be read. Raises ValueError for another option."""
+    unknown = set(options) - set(REREAD_OPTIONS)
+    if unknown:
+        raise ValueError(f"Cannot override {', '.join(sorted(unknown))} when reading a page again.")
+    overrides = {key: value for key, value in options.items() if value}
+    with transaction.atomic():
+        _lock_scans([page.scan_id])  # as commit_page_results does: the scan finishes or is queued again, not both
+        rows = Page.objects.filter(pk=page.pk)
+        changed = rows.filter(status=Page.Status.DONE).update(
+            status=Page.Status.PENDING, reocr_options=overrides, worker_id="", started_at=None
+        ) or rows.filter(status=Page.Status.FAILED).update(**_FAILED_PAGE_RESET, reocr_options=overrides)
+        if not changed:
+            return False
+        Scan.objects.filter(pk=page.scan_id, status__in=Scan.FINISHED).update(**_SCAN_REQUEUED)
+        publish_page_on_commit(page_id=page.pk)
+        transaction.on_commit(queue_signals.wake_runners)
+    page.refresh_from_db()
+    return True
 
 
 def cancel_scan(*, scan: Scan) -> bool:
@@ -90,12 +155,14 @@ def cancel_scan(*, scan: Scan) -> bool:
 
 
 def delete_scan(*, scan: Scan) -> None:
-    """Stop any processing of the scan, then delete it, its pages and its stored file."""
+    """Stop any processing of the scan, then delete it, its pages, its stored file and its cached page images."""
     cancel_scan(scan=scan)
     storage, name = scan.file.storage, scan.file.name
+    scan_id, sha256 = scan.pk, scan.sha256
     scan.delete()
     if name:
         transaction.on_commit(lambda: storage.delete(name))
+    transaction.on_commit(lambda: thumbnails.delete_cached(scan_id=scan_id, sha256=sha256))
 
 
 def set_scan_priority(*, scan: Scan, priority: int) -> None:
@@ -288,6 +355,8 @@ class PageOutcomeToCommit:
     scan_id: int
     number: int
     result: PageResult
+    engine: str = ""  # the engine and model that read it (Page.engine, Page.model)
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -296,10 +365,43 @@ class PageCommit:
     scan_status: str | None  # the scan's status after the commit (None: deleted)
 
 
+def _keep_previous_result(mine, result: PageResult, now) -> Page | None:
+    """Inside commit_page_results: a failed new reading of a page that had a result keeps that result
+    (text, layout, tokens) with a warning saying why the new one is not there. Returns the page as
+    written, or None when the page was not being read again with a result to keep."""
+    previous = mine.filter(reocr_options__isnull=False, finished_at__isnull=False).only(*PAGE_STATE_FIELDS).first()
+    if previous is None:
+        return None
+    warning = PageWarning(code="reread_failed", message=f"Reading the page again failed ({result.error}); this is the text it had.")
+    warnings = [w for w in previous.warnings or [] if w.get("code") != "reread_failed"] + [warning]
+    fields = dict(status=Page.Status.DONE, warnings=warnings, reocr_options=None, worker_id="")
+    mine.update(**fields)
+    for name, value in fields.items():
+        setattr(previous, name, value)
+    return previous
+
+
+def _add_corrections(pages: list[Page], scan_ids: Collection[int]) -> None:
+    """Set the corrections of pages built from what was written (a correction stays in use over a
+    new result, and live events show it): one query for the scans' corrected pages."""
+    wanted = {(page.scan_id, page.number): page for page in pages}
+    rows = Page.objects.filter(scan_id__in=list(scan_ids), corrected_at__isnull=False).values_list(
+        "scan_id", "number", "corrected_text", "corrected_at"
+    )
+    for scan_id, number, text, at in rows:
+        page = wanted.get((scan_id, number))
+        if page is not None:
+            page.corrected_text, page.corrected_at = text, at
+
+
 def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommit]) -> list[PageCommit]:
     """Store several pages' outcomes in one transaction, add their tokens to their scans' totals, and
     finish every scan left without unfinished pages. A page must be running for this runner; otherwise
-    its outcome is not written (`PageCommit.page` is None). Returns one PageCommit per outcome."""
+    its outcome is not written (`PageCommit.page` is None). Returns one PageCommit per outcome.
+
+    A page being read again (`Page.reocr_options`) gets its new result and leaves that state; when the
+    new reading failed and the page had a result, the result stays and gets a `reread_failed` warning
+    (`_keep_previous_result`). A correction is never touched: it stays in use over the new text."""
     now = timezone.now()
     written: list[Page | None] = []
     with transaction.atomic():
@@ -308,21 +410,25 @@ def commit_page_results(*, worker_id: str, outcomes: Sequence[PageOutcomeToCommi
         tokens: dict[int, list[int]] = {}
         for outcome in outcomes:
             result = outcome.result
+            mine = Page.objects.filter(
+                scan_id=outcome.scan_id, number=outcome.number, status=Page.Status.RUNNING, worker_id=worker_id
+            )
+            kept = _keep_previous_result(mine, result, now) if result.status == Page.Status.FAILED else None
             fields = dict(
                 status=result.status, text=result.text, fallback=result.fallback, attempts=result.attempts,
                 error=result.error, input_tokens=result.input_tokens, output_tokens=result.output_tokens,
                 latency_ms=result.latency_ms, finish_reason=result.finish_reason[:30], metadata=result.metadata,
                 warnings=list(result.warnings), layout=result.layout, finished_at=now,
+                engine=outcome.engine[:20], model=outcome.model[:200], reocr_options=None,
             )
-            changed = Page.objects.filter(
-                scan_id=outcome.scan_id, number=outcome.number, status=Page.Status.RUNNING, worker_id=worker_id
-            ).update(**fields)
-            # The row as just written (no need to read it back).
-            written.append(Page(scan_id=outcome.scan_id, number=outcome.number, worker_id=worker_id, **fields) if changed else None)
+            changed = kept is not None or mine.update(**fields)
+            # The row as just written (no need to read it back; a correction is added below).
+            written.append(kept or (Page(scan_id=outcome.scan_id, number=outcome.number, worker_id=worker_id, **fields) if changed else None))
             if changed:
                 totals = tokens.setdefault(outcome.scan_id, [0, 0])
                 totals[0] += result.input_tokens
                 totals[1] += result.output_tokens
+        _add_corrections([page for page in written if page is not None and page.corrected_at is None], scan_ids)
         for scan_id, (input_tokens, output_tokens) in tokens.items():
             Scan.objects.filter(pk=scan_id).update(
                 input_tokens=F("input_tokens") + input_tokens, output_tokens=F("output_tokens") + output_tokens

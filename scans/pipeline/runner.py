@@ -15,6 +15,7 @@ given back only once no commit for them is pending.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from asgiref.sync import sync_to_async
 from ocrsite.env import env_int
 from scans import metrics, progress, selectors, services
 from scans.models import Page, Scan
-from scans.pipeline import queue_signals
+from scans.pipeline import line_boxes, queue_signals
 from scans.pipeline.cpu import claim_limit
 from scans.pipeline.engines import VLLM, build_engine, engine_name, reads_on_cpu
 from scans.pipeline.errors import PermanentEngineError
@@ -94,9 +95,18 @@ class _ScanFailed(Exception):
         self.message = message
 
 
+# A scan's pages are read with the scan's options, or with the overrides of a page read again
+# (Page.reocr_options): the key of what they are read with, "" for the scan's own.
+WorkKey = tuple[int, str]
+
+
+def work_key(scan_id: int, overrides: dict | None) -> WorkKey:
+    return scan_id, json.dumps(overrides, sort_keys=True) if overrides else ""
+
+
 @dataclass
 class _ScanWork:
-    """What every page of one scan is read with (built once per scan by the first of its pages)."""
+    """What the pages of one scan are read with (built once per WorkKey by the first of its pages)."""
 
     scan: Scan
     config: EffectiveConfig
@@ -114,11 +124,14 @@ class _Committer:
         self._pending: list[tuple[services.PageOutcomeToCommit, asyncio.Future[services.PageCommit]]] = []
         self._flusher: asyncio.Task | None = None
 
-    def submit(self, scan_id: int, number: int, result: PageResult) -> asyncio.Future[services.PageCommit]:
-        """Queue a result for the next transaction; the future is set once it has committed (it is not
-        cancelled with its waiter: the commit happens anyway)."""
+    def submit(
+        self, scan_id: int, number: int, result: PageResult, engine: Engine | None = None
+    ) -> asyncio.Future[services.PageCommit]:
+        """Queue a result (read by `engine`) for the next transaction; the future is set once it has
+        committed (it is not cancelled with its waiter: the commit happens anyway)."""
         future: asyncio.Future[services.PageCommit] = asyncio.get_running_loop().create_future()
-        self._pending.append((services.PageOutcomeToCommit(scan_id, number, result), future))
+        names = (engine.name, engine.model) if engine is not None else ("", "")
+        self._pending.append((services.PageOutcomeToCommit(scan_id, number, result, *names), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="page-commits")
         return future
@@ -169,7 +182,7 @@ class Runner:
         # look-ahead), so the rest wait in the database rather than as rendered images for a core.
         self._cpu_pages: set[tuple[int, int]] = set()
         self._mode = "builtin"  # the configured mode (which scans a CPU engine reads), refreshed by _poll
-        self._works: dict[int, asyncio.Future[_ScanWork]] = {}
+        self._works: dict[WorkKey, asyncio.Future[_ScanWork]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._executor: ThreadPoolExecutor | None = None
         self._committer = _Committer(self.worker_id)
@@ -221,7 +234,7 @@ class Runner:
         await asyncio.shield(self._committer.drain())
         queue_signals.unregister(self)
         await asyncio.shield(sync_to_async(services.unregister_worker)(worker_id=self.worker_id))
-        for scan_id in list(self._works):
+        for scan_id, _ in list(self._works):
             self._forget(scan_id)
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
@@ -337,27 +350,30 @@ class Runner:
 
     # --- one scan's setup -----------------------------------------------------------------------
 
-    async def _work(self, scan_id: int) -> _ScanWork:
-        future = self._works.get(scan_id)
+    async def _work(self, scan_id: int, overrides: dict | None) -> _ScanWork:
+        key = work_key(scan_id, overrides)
+        future = self._works.get(key)
         if future is None:
             if len(self._works) >= MAX_CACHED_SCANS:
-                for idle in [s for s in self._works if not self._has_tasks(s)]:
+                for idle in {s for s, _ in self._works if not self._has_tasks(s)}:
                     self._forget(idle)
-            future = self._works[scan_id] = asyncio.ensure_future(self._prepare(scan_id))
+            future = self._works[key] = asyncio.ensure_future(self._prepare(scan_id, overrides or {}))
         return await asyncio.shield(future)  # a cancelled page does not cancel its scan's setup
 
-    def _forget(self, scan_id: int) -> None:
-        future = self._works.pop(scan_id, None)
-        if future is None:
-            return
-        if future.done() and not future.cancelled() and future.exception() is None:
-            future.result().source.close()
-        elif not future.done():
-            future.cancel()
+    def _forget(self, scan_id: int, key: WorkKey | None = None) -> None:
+        """Drop what the scan's pages are read with (only `key`'s when given), closing its document."""
+        for cached in [key] if key is not None else [k for k in self._works if k[0] == scan_id]:
+            future = self._works.pop(cached, None)
+            if future is None:
+                continue
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().source.close()
+            elif not future.done():
+                future.cancel()
 
-    async def _prepare(self, scan_id: int) -> _ScanWork:
+    async def _prepare(self, scan_id: int, overrides: dict) -> _ScanWork:
         scan = await Scan.objects.aget(pk=scan_id)
-        options = ScanOptions.from_scan(scan.options or {})
+        options = ScanOptions.from_scan({**(scan.options or {}), **overrides})
         config = await aresolve_config()
         ocr = options.apply(await aocr_config())
         name = engine_name(options, mode=config.mode, cpu_engine=ocr.cpu_engine)
@@ -378,7 +394,8 @@ class Runner:
             except PermanentEngineError as exc:
                 raise _ScanFailed(exc.message) from None
             self._engines[key] = engine
-        await _db(services.set_scan_engine, scan_id=scan_id, engine=engine.name, model=engine.model)
+        if not overrides:  # the scan's engine and model are those of its own options
+            await _db(services.set_scan_engine, scan_id=scan_id, engine=engine.name, model=engine.model)
         assert self._executor is not None
         source = PageSource(
             Path(scan.file.path), scan.content_type,
@@ -392,24 +409,29 @@ class Runner:
         scan_id, number = page.scan_id, page.number
         claimed_at = time.monotonic()
         handed_over = False  # the result is with the committer: never give the page back
+        work: _ScanWork | None = None
         try:
             await progress.apublish_page(page)
             try:
-                work = await self._work(scan_id)
+                work = await self._work(scan_id, page.reocr_options)
                 image = await work.source.render(number)
                 if isinstance(image, RenderFailure):
                     result = PageResult(text="", status="failed", error=image.message)
                 else:
-                    result = await self._read(work, image)
+                    result = await line_boxes.add_line_boxes(await self._read(work, image), image, engine=work.engine.name)
             except (_ScanFailed, PermanentEngineError) as exc:
-                await _db(services.fail_scan, scan_id=scan_id, error=exc.message)
-                return
-            future = self._committer.submit(scan_id, number, result)
+                if page.reocr_options is None:
+                    await _db(services.fail_scan, scan_id=scan_id, error=exc.message)
+                    return
+                # Reading one page again (maybe with another model or engine) fails that reading only.
+                self._forget(scan_id, work_key(scan_id, page.reocr_options))
+                result = PageResult(text="", status="failed", error=exc.message)
+            future = self._committer.submit(scan_id, number, result, work.engine if work else None)
             handed_over = True
             commit = await asyncio.shield(future)
             if commit.page is not None:
                 metrics.page_finished(
-                    engine=work.engine.name, status=result.status, seconds=time.monotonic() - claimed_at,
+                    engine=work.engine.name if work else "", status=result.status, seconds=time.monotonic() - claimed_at,
                     input_tokens=result.input_tokens, output_tokens=result.output_tokens,
                 )
                 await progress.apublish_page(commit.page)
@@ -417,7 +439,7 @@ class Runner:
                     await self.on_page(commit.page)
             if commit.scan_status not in Scan.ACTIVE:
                 self._scan_ended(scan_id, commit.scan_status)
-            if result.status == Page.Status.FAILED and work.engine.name == "vllm" and work.report_failures:
+            if work and result.status == Page.Status.FAILED and work.engine.name == "vllm" and work.report_failures:
                 self._report_failure(work.config)
         except asyncio.CancelledError:
             raise

@@ -31,7 +31,9 @@ class RenderFailure:
     message: str
 
 
-WarningCode = Literal["blank", "empty", "truncated", "repetition", "decoded_partially", "fallback", "reasoning"]
+WarningCode = Literal[
+    "blank", "empty", "truncated", "repetition", "decoded_partially", "fallback", "reasoning", "reread_failed"
+]
 
 
 class PageWarning(TypedDict):

@@ -1,7 +1,8 @@
 // Live updates over WebSockets: the model-server indicator (every page), the settings page's status card,
 // the scan list and one scan's pages. Each socket starts with a full snapshot from the server and the
 // page re-syncs from it on every (re)connect; events in between only keep it current.
-// Model output is untrusted: it is only ever assigned with textContent, never parsed as HTML.
+// Model output is untrusted: events carry it, and it is only ever assigned with textContent here; the
+// scan page shows it as HTML only as rendered and sanitized by the server (scan_page.js).
 (function () {
   "use strict";
 
@@ -137,7 +138,6 @@
   function scanPage(root) {
     const scanId = root.dataset.scanId;
     const list = document.getElementById("pages");
-    const textRequests = {}; // page number -> the latest request's token, so an older answer never wins
 
     function pageElement(number) {
       let item = document.getElementById(`page-${number}`);
@@ -147,43 +147,25 @@
       item.id = `page-${number}`;
       item.className = "page";
       item.dataset.page = String(number);
-      const head = document.createElement("div");
-      head.className = "page-head";
-      const title = document.createElement("strong");
+      item.dataset.loaded = "0";
+      item.tabIndex = -1;
+      const body = document.createElement("div");
+      body.className = "page-body";
+      body.dataset.field = "body";
+      const title = document.createElement("h2");
+      title.className = "page-title";
       title.textContent = `Page ${number}`;
       const status = document.createElement("span");
       status.className = "status";
       status.dataset.field = "status";
-      const meta = document.createElement("span");
-      meta.className = "page-meta";
-      meta.dataset.field = "meta";
-      head.append(title, status, meta);
-      const error = document.createElement("p");
-      error.className = "error";
-      error.dataset.field = "error";
-      error.hidden = true;
-      const text = document.createElement("pre");
-      text.className = "page-text";
-      text.dataset.field = "text";
-      item.append(head, error, text);
+      body.append(title, status);
+      item.append(body);
       list.appendChild(item);
       return item;
     }
 
-    function loadText(number, element, expectedLength) {
-      const token = (textRequests[number] || 0) + 1;
-      textRequests[number] = token;
-      fetch(`/scans/${scanId}/pages/${number}/text.txt`, { credentials: "same-origin", cache: "no-store" })
-        .then((response) => (response.ok ? response.text() : Promise.reject(response.status)))
-        .then((text) => {
-          if (textRequests[number] !== token) return;
-          element.textContent = text;
-          element.dataset.length = String(expectedLength);
-          element.dataset.complete = "1";
-        })
-        .catch(() => {}); // the preview stays; the next snapshot tries again
-    }
-
+    // The page's status changes here at once; its text, warnings and correction are HTML rendered (and
+    // sanitized) by the server, which scan_page.js fetches when the page's `rev` says they changed.
     function applyPage(page) {
       const item = pageElement(page.number);
       item.dataset.status = page.status;
@@ -191,33 +173,23 @@
       const status = field(item, "status");
       setText(status, PAGE_LABELS[page.status] || page.status);
       setStatusClass(status, page.status);
-      const meta = [];
-      if (page.attempts) meta.push(`${page.attempts} attempt${page.attempts === 1 ? "" : "s"}`);
-      if (page.latency_ms) meta.push(`${page.latency_ms} ms`);
-      if (page.fallback) meta.push("text layer (fallback)");
-      setText(field(item, "meta"), meta.join(" · "));
-      const error = field(item, "error");
-      setText(error, page.error);
-      if (error) error.hidden = !page.error;
-      item.classList.toggle("has-error", Boolean(page.error));
+      item.dispatchEvent(new CustomEvent("ocrsite:page", { bubbles: true, detail: page }));
+    }
 
-      const text = field(item, "text");
-      if (!text) return;
-      const shownLength = text.dataset.length !== undefined ? Number(text.dataset.length) : text.textContent.length;
-      if (page.text_length === 0) {
-        setText(text, "");
-        text.dataset.length = "0";
-      } else if (shownLength !== page.text_length || text.dataset.complete === "0") {
-        if (page.preview.length >= page.text_length) {
-          text.textContent = page.preview;
-          text.dataset.complete = "1";
-        } else {
-          text.textContent = `${page.preview}…`;
-          text.dataset.complete = "0";
-          loadText(page.number, text, page.text_length);
-        }
-        text.dataset.length = String(page.text_length);
+    // Screen readers hear the scan's progress: every status change, and the pages done at most every 15 s.
+    const announced = { status: root.dataset.status, done: null, at: 0 };
+    function announce(totals) {
+      const now = Date.now();
+      const changed = totals.status !== announced.status;
+      if (!changed && (totals.done === announced.done || now - announced.at < 15000)) return;
+      if (announced.done === null && !changed) {
+        announced.done = totals.done; // the page was loaded with these numbers: nothing new to say
+        return;
       }
+      let text = `${SCAN_LABELS[totals.status] || totals.status}: ${totals.done} of ${totals.total} pages done`;
+      if (totals.failed) text += `, ${totals.failed} failed`;
+      setText(field(root, "announce"), `${text}.`);
+      Object.assign(announced, { status: totals.status, done: totals.done, at: now });
     }
 
     function applyScanStatus(status, label) {
@@ -244,6 +216,7 @@
         if (totals.eta_s !== null && totals.eta_s > 0) rate += `${rate ? " · " : ""}about ${formatDuration(totals.eta_s)} left`;
       }
       setText(field(root, "rate"), rate);
+      announce(totals);
       for (const form of root.querySelectorAll("[data-show-when]")) {
         const when = form.dataset.showWhen.split(" ");
         // Retry resends a finished scan's failed and never-sent pages (a scan that failed as a whole has only the latter).

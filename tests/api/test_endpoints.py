@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pypdfium2 as pdfium
 import pytest
 
-from scans import exports
+from scans import exports, services
 from scans.uploads import SUPPORTED
 from django.conf import settings
+from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.utils import timezone
@@ -190,13 +193,34 @@ def test_pages_give_status_text_and_warnings_in_order(caller):
     assert pages[2]["warnings"] == [{"code": "truncated", "message": "The answer was cut off."}]
 
 
+def test_a_corrected_page_gives_the_correction_and_the_engine_s_text(caller):
+    scan = finish(make_scan(caller.user, pages=2))
+    services.correct_page(page=scan.pages.get(number=2), text="Page 2, as a person read it", user=caller.user)
+    services.reread_page(page=scan.pages.get(number=1), options={})
+    first, second = caller.get(scan_url(scan, "pages/")).json()["results"]
+    assert second["text"] == "Page 2, as a person read it" and second["rereading"] is False
+    assert second["correction"]["by"] == "alice" and second["correction"]["original_text"] == "# Page 2\n\nPage 2 **text**"
+    assert first["text"] == "# Page 1\n\nPage 1 **text**" and first["rereading"] is True and first["correction"] is None
+
+
 @pytest.mark.parametrize("fmt", list(FORMATS))
-def test_exports_download_every_format(caller, fmt):
+def test_exports_download_every_format(caller, fmt, pdf_bytes):
     scan = finish(make_scan(caller.user, pages=2, original_filename="report.pdf"))
+    scan.file.save("report.pdf", ContentFile(pdf_bytes), save=True)
     response = caller.get(scan_url(scan, f"export.{fmt}"))
     assert response.status_code == 200
     assert response["Content-Type"] == FORMATS[fmt][0]
     assert response["Content-Disposition"] == f'attachment; filename="report.{fmt}"'
+    if fmt == "pdf":  # the searchable PDF: the scan's pages with the plain text over them
+        pdf = pdfium.PdfDocument(response.content)
+        try:
+            assert [" ".join(page.get_textpage().get_text_range().split()) for page in pdf] == ["Page 1 Page 1 text", "Page 2 Page 2 text"]
+        finally:
+            pdf.close()
+        Path(scan.file.path).unlink()
+        gone = caller.get(scan_url(scan, "export.pdf"))
+        assert gone.status_code == 409 and "could not be made" in gone.json()["detail"]
+        return
     content = response.content.decode()
     assert content == exports.render(scan, fmt)  # the same document the site's download gives
     if fmt == "json":

@@ -212,3 +212,17 @@ def upload_and_watch_until_done(page, server: Server, pdf: Path, pages: int) -> 
     assert all(history[-1] == "done" for history in histories), histories
     return histories
 
+
+
+def page_texts(page) -> list[str]:
+    """Each page's raw text as the scan page shows it, in order. Pages' text loads as they come near
+    the window, so this brings each page without its text into view until every page has it."""
+    page.wait_for_function(
+        """() => {
+            const missing = [...document.querySelectorAll('li.page')].find((li) => !li.querySelector('[data-field=text]'));
+            if (missing) missing.scrollIntoView();
+            return !missing;
+        }""",
+        polling=100,
+    )
+    return [text.text_content() for text in page.locator("li.page [data-field=text]").all()]

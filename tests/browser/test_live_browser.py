@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import WATCH_STATES, states_seen, upload_and_watch_until_done
+from tests.browser.conftest import WATCH_STATES, page_texts, states_seen, upload_and_watch_until_done
 from tests.fakes.pages import make_pdf
 from tests.support import manage
 
@@ -49,14 +49,13 @@ def test_upload_watch_pages_complete_read_and_download(page, server, tmp_path: P
     histories = upload_and_watch_until_done(page, server, make_pdf(tmp_path / "four-pages.pdf", pages), pages)
     assert any(len(history) > 1 for history in histories), f"no page changed live: {histories}"
 
-    texts = page.locator("li.page [data-field=text]").all_inner_texts()
-    joined = "\n".join(texts)
+    joined = "\n".join(page_texts(page))
     positions = [joined.find(f"PAGE {n}") for n in range(1, pages + 1)]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), joined[:500]
     assert page.locator("#scan [data-field=counts]").inner_text().startswith(f"{pages}/{pages} done")
     assert page.locator("#scan form[action$='/cancel/']").is_hidden()
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.page-thumb img')].every((img) => img.complete && img.naturalWidth > 0)"
+        "() => [...document.querySelectorAll('.page-image img')].every((img) => img.complete && img.naturalWidth > 0)"
     )
     page.screenshot(path="/tmp/ocrsite-scan-page.png", full_page=True)
 
@@ -92,7 +91,7 @@ def test_script_in_page_text_renders_inert(page, server, tmp_path: Path):
         "() => document.querySelector('#page-1 [data-field=text]').textContent.endsWith('filler')"
     )
     text = page.locator("#page-1 [data-field=text]")
-    assert text.inner_text().startswith("<script>window.__pwned")
+    assert text.text_content().startswith("<script>window.__pwned")
     assert text.evaluate("(el) => el.children.length") == 0
     page.reload()  # and the server-rendered page escapes it too
     page.wait_for_selector("#page-1[data-status=done]")

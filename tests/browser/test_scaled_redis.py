@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import login, running_server, upload_and_watch_until_done
+from tests.browser.conftest import login, page_texts, running_server, upload_and_watch_until_done
 from tests.fakes.pages import make_pdf
 from tests.scans.ocr_processes import start_manage
 from tests.scans.pipeline.helpers import MODEL, start_fake_vllm, stop_fake_vllm
@@ -58,7 +58,7 @@ def test_pages_processed_by_a_worker_reach_the_browser_live(browser, scaled, tmp
     upload_and_watch_until_done(page, server, make_pdf(tmp_path / "pages.pdf", PAGES), PAGES)
     # Events, not just the snapshot taken on connecting: each page's "done" came over Redis.
     assert page.evaluate("window.ocrsiteLive.events") >= PAGES // 2
-    texts = page.locator("li.page [data-field=text]").all_inner_texts()
+    texts = page_texts(page)
     assert [f"PAGE {n}" in text for n, text in enumerate(texts, start=1)] == [True] * PAGES
     context.close()
 

@@ -129,7 +129,7 @@ def test_json_has_the_documented_shape_with_pages_in_order(scan):
         "number": 1, "status": "done", "text": PAGE_TEXT[1], "format": "markdown", "engine": "vllm",
         "model": "test/model", "fallback": False, "attempts": 1, "input_tokens": 10, "output_tokens": 10,
         "latency_ms": 121, "finish_reason": "stop", "error": "", "warnings": [], "layout": None,
-        "metadata": {"primary_language": "en"},
+        "metadata": {"primary_language": "en"}, "correction": None, "rereading": False,
     }
     # A failed page keeps the answer that arrived before it failed.
     assert failed["status"] == "failed" and failed["text"] == PAGE_TEXT[3] and failed["latency_ms"] is None
@@ -145,16 +145,12 @@ def test_json_carries_no_secret(scan):
     }
 
 
-def test_json_reads_warnings_and_layout_where_pages_have_them(scan, monkeypatch):
+def test_json_reads_warnings_and_layout_where_pages_have_them(scan):
     layout = {"width": 100, "height": 200, "lines": [
         {"bbox": [1, 2, 30, 12], "conf": 91.0, "words": [{"text": "Hi", "bbox": [1, 2, 30, 12], "conf": 91.0}]}
     ]}
     warnings = [{"code": "blank", "message": "The page looks blank."}]
-    if {"layout", "warnings"} <= {field.name for field in Page._meta.get_fields()}:
-        Page.objects.filter(scan=scan).update(layout=layout, warnings=warnings)
-    else:  # before the model has the fields, exports read them defensively
-        monkeypatch.setattr(Page, "layout", layout, raising=False)
-        monkeypatch.setattr(Page, "warnings", warnings, raising=False)
+    Page.objects.filter(scan=scan).update(layout=layout, warnings=warnings)
     data = exports.export_json(scan)
     assert data["pages"][0]["layout"] == layout and data["pages"][0]["warnings"] == warnings
     assert data["scan"]["pages_with_warnings"] == 7
@@ -172,6 +168,7 @@ def test_the_searchable_pdf_carries_each_page_s_plain_text(scan, tmp_path: Path)
     placements = exports.export_pdf(scan, out)
     assert placements == ["page", "page", "none", "page", "page", "none", "none"]
     assert [exports.page_placement(page, scan) for page in scan.pages.order_by("number")] == placements
+    assert exports.placements(scan) == {"page": 4, "none": 3}  # told before the PDF is made
     pdf = pdfium.PdfDocument(str(out))
     try:
         texts = [" ".join(page.get_textpage().get_text_range().split()) for page in pdf]
@@ -181,6 +178,19 @@ def test_the_searchable_pdf_carries_each_page_s_plain_text(scan, tmp_path: Path)
     assert texts[1] == "Name Value alpha 1 beta 2"
     assert texts[2] == "" and texts[5] == "" and texts[6] == ""
     assert texts[4] == "Set <MIME>/globs so that a < b > c and x*y*z, with $\\alpha_1$."
+
+
+def test_the_placements_told_beforehand_follow_the_boxes_each_engine_gives(scan, tmp_path: Path):
+    words = {"width": 100, "height": 100, "lines": [
+        {"bbox": [10, 10, 90, 20], "conf": 90.0, "words": [{"text": "Title", "bbox": [10, 10, 90, 20], "conf": 90.0}]}
+    ]}
+    lines = {"width": 100, "height": 100, "lines": [{"bbox": [10, 10, 90, 20], "conf": 0.0, "words": []}]}
+    Page.objects.filter(scan=scan, number=1).update(layout=words, engine="tesseract")
+    Page.objects.filter(scan=scan, number=2).update(layout=lines)  # a VLM page with line boxes
+    told = exports.placements(scan)
+    made = exports.export_pdf(scan, tmp_path / "out.pdf")
+    assert told == {"words": 1, "lines": 1, "page": 2, "none": 3}
+    assert {placement: made.count(placement) for placement in told} == told
 
 
 @pytest.mark.parametrize(

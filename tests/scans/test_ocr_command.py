@@ -69,6 +69,28 @@ def test_json_output_and_base_url_with_v1(tmp_path, env):
     assert all(f"PAGE {page['number']}" in page["text"] for page in data["pages"])
 
 
+def test_searchable_pdf_output_never_replaces_the_file_it_was_read_from(tmp_path, env):
+    import pypdfium2 as pdfium
+
+    pdf = make_pdf(tmp_path / "doc.pdf", 2)
+    image = make_image(tmp_path / "photo.png", 9)
+    original = pdf.read_bytes()
+    with fake_vllm(tmp_path) as server:
+        result = manage(
+            ["ocr", str(pdf), str(image), "--base-url", server.base_url, "--model", MODEL, "--format", "pdf", "--out", str(tmp_path)],
+            env,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert pdf.read_bytes() == original  # written beside it as doc.ocr.pdf, not over it
+    for path, markers in ((tmp_path / "doc.ocr.pdf", [1, 2]), (tmp_path / "photo.pdf", [9])):
+        document = pdfium.PdfDocument(str(path))
+        try:
+            texts = [" ".join(page.get_textpage().get_text_range().split()) for page in document]
+        finally:
+            document.close()
+        assert texts == [f"PAGE {n} Text of page {n}. - first point of page {n} - second point of page {n}" for n in markers]
+
+
 def test_unsupported_file_is_a_clear_error(tmp_path, env):
     bogus = tmp_path / "notes.pdf"
     bogus.write_text("just some text, not a PDF")
