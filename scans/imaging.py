@@ -29,6 +29,7 @@ import math
 import random
 import struct
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -326,7 +327,9 @@ def _orientation(image: Image.Image) -> int:
     if isinstance(image, PngImagePlugin.PngImageFile) and "exif" not in image.info:
         return 1  # (Pillow would decode all pixels looking for an eXIf chunk; ours come before them)
     try:
-        value = image.getexif().get(0x0112)
+        with warnings.catch_warnings():  # Pillow warns about damaged Exif it then skips: expected here
+            warnings.simplefilter("ignore", UserWarning)
+            value = image.getexif().get(0x0112)
     except Exception:  # Pillow raises many types for damaged Exif: only the orientation is lost
         return 1
     return value if isinstance(value, int) and value in _EXIF_TRANSPOSE else 1
@@ -553,7 +556,9 @@ class ImageDocument:
     def _pillow(plugin: type[ImageFile.ImageFile], source) -> ImageFile.ImageFile:
         """Open through the format's plugin (not Image.open: the size limit is checked here, per call)."""
         try:
-            return plugin(source)
+            with warnings.catch_warnings():  # Pillow warns about the damaged Exif it skips (read for DPI)
+                warnings.simplefilter("ignore", UserWarning)
+                return plugin(source)
         except _DAMAGED:
             raise UnreadableImage("This image is damaged and cannot be read.") from None
 
