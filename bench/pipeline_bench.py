@@ -4,7 +4,7 @@
     .venv/bin/python bench/pipeline_bench.py --quick    # smaller documents, for a smoke run
 
 (a) zero-latency double: `manage.py ocr` pages/s versus the raw render+encode rate measured in the same
-    run (target >= 80 %): how much the pipeline adds on top of rendering. Medians of 3 interleaved rounds.
+    run (target >= 85 %, issue 14): how much the pipeline adds on top of rendering. Medians of 3 interleaved rounds.
 (b) 2 s latency, 32 concurrent requests at most on the server, `--concurrency 32`: pages/s versus the
     ideal 32 / 2 = 16 (target >= 90 %): whether the pipeline keeps the model server busy.
 (c) peak RSS of the `manage.py ocr` process for a 50-page and a 500-page PDF (target <= 400 MB, no growth).
@@ -160,7 +160,8 @@ class Double:
 
 def run_ocr(workdir: Path, pdf: Path, double: Double, concurrency: int) -> OcrRun:
     data_dir = Path(tempfile.mkdtemp(prefix="data-", dir=workdir))
-    env = project_env(data_dir, {"DJANGO_SETTINGS_MODULE": "ocrsite.settings"})
+    # As in production: DEBUG off (with it on, Django also records every query).
+    env = project_env(data_dir, {"DJANGO_SETTINGS_MODULE": "ocrsite.settings", "DEBUG": "0", "SECRET_KEY": "bench-only"})
     manage = [sys.executable, str(REPO / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, cwd=REPO, check=True)
     out = workdir / f"out-{data_dir.name}"
@@ -225,7 +226,7 @@ def main() -> None:
         ))
         rows.append(Row(
             f"(a) pipeline, 0 latency, {pages_a} pages", f"{run_a.pages_per_s:.1f} pages/s", f"{raw:.1f} (raw)",
-            f"{ratio_a:.0%}", ">= 80 %", ratio_a >= 0.8 and run_a.failed == 0,
+            f"{ratio_a:.0%}", ">= 85 %", ratio_a >= 0.85 and run_a.failed == 0,
         ))
 
         print("(b) manage.py ocr against a double with 2 s latency and capacity 32 ...", flush=True)

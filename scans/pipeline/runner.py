@@ -58,6 +58,11 @@ def _env_seconds(name: str, default_ms: int) -> float:
     return (env_int(name, default_ms, minimum=10) or default_ms) / 1000
 
 
+def claim_batch(capacity: int) -> int:
+    """How many free slots a runner waits for before claiming while pages still wait for rendering."""
+    return max(1, capacity // 4)
+
+
 def poll_interval() -> float:
     """How often a runner refreshes its heartbeat, recovers a dead runner's pages and checks that the
     scans it works on are still active (which is how it notices a cancel from another process)."""
@@ -181,6 +186,9 @@ class Runner:
         # Of those, the pages a CPU engine reads: at most cpu.claim_limit() (the process's cores plus a
         # look-ahead), so the rest wait in the database rather than as rendered images for a core.
         self._cpu_pages: set[tuple[int, int]] = set()
+        # Of those, the pages not rendered yet. While some wait for a render thread, the model server is
+        # not short of work, and free slots are claimed together (fewer transactions per page).
+        self._unrendered: set[tuple[int, int]] = set()
         self._mode = "builtin"  # the configured mode (which scans a CPU engine reads), refreshed by _poll
         self._works: dict[WorkKey, asyncio.Future[_ScanWork]] = {}
         self._engines: dict[tuple, Engine] = {}
@@ -318,7 +326,7 @@ class Runner:
     async def _claim(self) -> int:
         """Fill the free slots with pages; returns how many were claimed (-1: no slot was free)."""
         free = self._capacity - len(self._tasks)
-        if free <= 0:
+        if free <= 0 or (self._unrendered and free < claim_batch(self._capacity)):
             return -1
         if self._only is not None and not self._only:
             return 0
@@ -330,10 +338,16 @@ class Runner:
             page = claim.page
             if claim.cpu:
                 self._cpu_pages.add((page.scan_id, page.number))
+            self._unrendered.add((page.scan_id, page.number))
             self._tasks[(page.scan_id, page.number)] = asyncio.create_task(
                 self._page(page), name=f"page-{page.scan_id}-{page.number}"
             )
         return len(claims)
+
+    def _rendered(self, key: tuple[int, int]) -> None:
+        self._unrendered.discard(key)
+        if not self._unrendered:  # the free slots held back for a batch can be claimed now
+            self._wake.set()
 
     def _is_cpu_scan(self, options: dict) -> bool:
         return reads_on_cpu(ScanOptions.from_scan(options), mode=self._mode)
@@ -415,6 +429,7 @@ class Runner:
             try:
                 work = await self._work(scan_id, page.reocr_options)
                 image = await work.source.render(number)
+                self._rendered((scan_id, number))
                 if isinstance(image, RenderFailure):
                     result = PageResult(text="", status="failed", error=image.message)
                 else:
@@ -452,6 +467,7 @@ class Runner:
         finally:
             self._tasks.pop((scan_id, number), None)
             self._cpu_pages.discard((scan_id, number))
+            self._unrendered.discard((scan_id, number))
             if not handed_over:
                 await asyncio.shield(
                     sync_to_async(services.release_pages)(worker_id=self.worker_id, scan_id=scan_id, numbers=[number])
