@@ -101,10 +101,6 @@ class PdfNote:
     placements: list[tuple[str, int]]  # (what happens to the text, how many pages), most pages first
     seconds: int  # about how long making it takes
 
-    @property
-    def approximate(self) -> bool:
-        return any(note == PLACEMENT_NOTES["page"] for note, _ in self.placements)
-
 
 def pdf_note(scan: Scan) -> PdfNote:
     """From the pages read so far; before any, from the engine: CPU engines give word boxes, a model

@@ -165,12 +165,6 @@ def delete_scan(*, scan: Scan) -> None:
     transaction.on_commit(lambda: thumbnails.delete_cached(scan_id=scan_id, sha256=sha256))
 
 
-def set_scan_priority(*, scan: Scan, priority: int) -> None:
-    """Change how large a share of the runners' slots the scan gets from now on (Scan.Priority)."""
-    Scan.objects.filter(pk=scan.pk).update(priority=Scan.Priority(priority))
-    scan.priority = priority
-
-
 # --- workers (runners holding pages) ----------------------------------------------------------
 
 
