@@ -9,7 +9,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from vllm_control.config import OptionRow, normalize_base_url, parse_signal
 from vllm_control.cpu_engines import cpu_engine_support
-from vllm_control.models import CPUEngine, VLMSettings
+from vllm_control.models import CPUEngine, Mode, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
 URL_FIELDS = ("base_url", "external_base_url")
@@ -184,6 +184,7 @@ class VLMSettingsForm(forms.ModelForm):
         for name in VLMSettings.SECRET_FIELDS:
             saved = bool(getattr(self.instance, name))
             self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
+        self.fields["mode"].choices = [("", "Automatic (Local when vLLM is installed, else External when a URL is saved, else Built-in)"), *Mode.choices]
         self.fields["model"].widget.attrs["list"] = "served-models"
         for name in URL_FIELDS:
             self.initial[name] = redact_urls(self.initial.get(name) or "")
