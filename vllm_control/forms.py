@@ -183,7 +183,7 @@ class VLMSettingsForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         for name in VLMSettings.SECRET_FIELDS:
             saved = bool(getattr(self.instance, name))
-            self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
+            self.fields[name].help_text = "Write-only: leave blank to keep the saved one." if saved else "Write-only."
         self.fields["mode"].choices = [("", "Automatic (Local when vLLM is installed, else External when a URL is saved, else Built-in)"), *Mode.choices]
         self.fields["model"].widget.attrs["list"] = "served-models"
         for name in URL_FIELDS:
