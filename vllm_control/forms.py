@@ -108,6 +108,9 @@ def layout(form: forms.BaseForm, options: list[OptionRow], mode: str) -> list[Se
     described = {option.field: option for option in options}
     sections = []
     for title, names in SECTIONS.items():
+        for name in names:  # the help block under each field also says the value in use
+            widget = form.fields[name].widget
+            widget.attrs.setdefault("aria-describedby", f"{form[name].auto_id}_helptext")
         rows = [FieldRow(form[name], described.get(name), modes_of(title, name), mode) for name in names]
         sections.append(SectionRow(title, rows, modes_of(title), mode))
     return sections
