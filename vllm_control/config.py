@@ -5,17 +5,20 @@ Everything that needs the VLM configuration reads it through `resolve_config` (o
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from django.core.exceptions import ImproperlyConfigured
 
-from vllm_control.models import DEFAULT_MODEL, Mode, VLMSettings
+from vllm_control.cpu_engines import cpu_engine_support
+from vllm_control.models import DEFAULT_MODEL, VLMSettings
+from vllm_control.redaction import redact_urls
 
 ModeName = Literal["local", "external", "builtin"]
 ValueSource = Literal["saved", "environment", "default"]
@@ -68,13 +71,61 @@ class EffectiveConfig:
 
 
 @dataclass(frozen=True)
+class OptionSpec:
+    """Where a setting's value comes from when the settings leave it blank: its environment variable (if
+    any), else its built-in default. Settings without an entry in OPTIONS default to their model field's
+    default."""
+
+    env_var: str = ""
+    default: str = ""
+    blank_means: str = ""  # what an empty effective value means, in words ("vLLM's default (1)")
+    secret: bool = False  # shown only as "set" / "not set"
+
+
+# The one table of environment variables and defaults: resolve_config and the settings page both read it.
+OPTIONS: dict[str, OptionSpec] = {
+    "vllm_bin": OptionSpec("VLLM_BIN", "vllm"),  # environment only, never editable from the web
+    "mode": OptionSpec(blank_means="chosen automatically"),
+    "model": OptionSpec(default=DEFAULT_MODEL),
+    "served_model_name": OptionSpec(blank_means="the model id"),
+    "host": OptionSpec("VLLM_HOST", blank_means="vLLM's default (all interfaces)"),
+    "port": OptionSpec("VLLM_PORT", str(DEFAULT_PORT)),
+    "protocol": OptionSpec("VLLM_PROTOCOL", "http"),
+    "base_url": OptionSpec("VLLM_BASE_URL"),  # blank: derived from protocol, host and port
+    "serve_args": OptionSpec("VLLM_SERVE_ARGS", blank_means="none"),
+    "stop_signal": OptionSpec("VLLM_STOP_SIGNAL", "SIGTERM"),
+    "stop_grace_ms": OptionSpec("VLLM_STOP_GRACE_MS", str(DEFAULT_STOP_GRACE_MS)),
+    "gpu_memory_utilization": OptionSpec(blank_means="vLLM's default (0.9)"),
+    "max_model_len": OptionSpec(blank_means="vLLM's default (the model's context length)"),
+    "tensor_parallel_size": OptionSpec(blank_means="vLLM's default (1)"),
+    "data_parallel_size": OptionSpec(blank_means="vLLM's default (1)"),
+    "hf_token": OptionSpec("HF_TOKEN", secret=True),
+    "local_api_key": OptionSpec(secret=True),
+    "external_base_url": OptionSpec(blank_means="not set"),
+    "external_api_key": OptionSpec(secret=True),
+    "cpu_engine": OptionSpec(blank_means="the default engine"),
+    "custom_prompt": OptionSpec(blank_means="none"),
+}
+
+
+@dataclass(frozen=True)
 class OptionRow:
-    """One line of the settings page's "effective configuration" table."""
+    """One setting as the settings page shows it: its effective value, where that comes from, its variable."""
 
     field: str
     env_var: str
-    value: str
+    value: str  # the effective value as text; "" means `blank_means`
     source: ValueSource
+    secret: bool = False
+    blank_means: str = ""
+    note: str = ""  # how a default was derived ("the model id")
+
+    @property
+    def shown(self) -> str:
+        """What a page may show: secrets only as set / not set, URLs without their credentials."""
+        if self.secret:
+            return "set" if self.value else "not set"
+        return redact_urls(self.value) if self.value else (self.blank_means or "empty")
 
 
 def normalize_base_url(url: str) -> str:
@@ -117,32 +168,70 @@ def _local_base_url(protocol: str, host: str, port: int) -> str:
     return f"{protocol}://{connect_host}:{port}/v1"
 
 
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, dict):
+        return json.dumps(value) if value else ""
+    return str(value)
+
+
+def _automatic_mode(vllm_bin: str, external_base_url: str) -> ModeName:
+    """The mode a blank setting means: Local where vLLM is installed, else External when a URL is saved."""
+    if shutil.which(vllm_bin) is not None:
+        return "local"
+    return "external" if external_base_url else "builtin"
+
+
+def _describe(name: str, row: VLMSettings, environ: Mapping[str, str]) -> OptionRow:
+    """A setting without special rules: saved (blank: its variable, else its default), or, for fields the
+    database always holds a value for, "default" while it equals the model field's default."""
+    spec = OPTIONS.get(name, OptionSpec())
+    saved = getattr(row, name, None)
+    model_field = VLMSettings._meta.get_field(name) if name != "vllm_bin" else None
+    if model_field is not None and model_field.has_default() and not spec.env_var:
+        default = model_field.get_default()
+        source: ValueSource = "default" if saved == default else "saved"
+        return OptionRow(name, "", _text(saved), source, spec.secret, spec.blank_means)
+    value, source = _pick(_text(saved) if saved is not None else None, spec.env_var, environ, spec.default)
+    return OptionRow(name, spec.env_var, value, source, spec.secret, spec.blank_means)
+
+
 def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) -> list[OptionRow]:
-    """The local runner's env-like options with their variable, effective value and source."""
-    rows = [OptionRow("vllm_bin", "VLLM_BIN", *_pick(None, "VLLM_BIN", environ, "vllm"))]
-    for field, env_var, default in (
-        ("host", "VLLM_HOST", ""),
-        ("port", "VLLM_PORT", str(DEFAULT_PORT)),
-        ("protocol", "VLLM_PROTOCOL", "http"),
-        ("base_url", "VLLM_BASE_URL", ""),
-        ("serve_args", "VLLM_SERVE_ARGS", ""),
-        ("stop_signal", "VLLM_STOP_SIGNAL", "SIGTERM"),
-        ("stop_grace_ms", "VLLM_STOP_GRACE_MS", str(DEFAULT_STOP_GRACE_MS)),
-    ):
-        value, source = _pick(getattr(row, field), env_var, environ, default)
-        rows.append(OptionRow(field, env_var, value, source))
-    values = {r.field: r for r in rows}
-    if not values["base_url"].value:
-        derived = _local_base_url(values["protocol"].value, values["host"].value, _int(values["port"].value, "VLLM_PORT"))
-        rows[rows.index(values["base_url"])] = OptionRow("base_url", "VLLM_BASE_URL", derived, "default")
-    return rows
+    """Every setting (the form's fields and VLLM_BIN) with its effective value, source and variable."""
+    names = ["vllm_bin", *(f.name for f in VLMSettings._meta.concrete_fields if f.editable and f.name not in ("id", "updated_at"))]
+    rows = {name: _describe(name, row, environ) for name in names}
+
+    def derived(name: str, value: str, note: str) -> None:
+        if rows[name].source == "default":
+            rows[name] = replace(rows[name], value=value, note=note)
+
+    derived("served_model_name", rows["model"].value, "the model id")
+    if not rows["base_url"].value:
+        port = _int(rows["port"].value, "VLLM_PORT")
+        derived("base_url", _local_base_url(rows["protocol"].value, rows["host"].value, port), "from protocol, host and port")
+    if not row.mode:
+        mode = _automatic_mode(rows["vllm_bin"].value, normalize_base_url(row.external_base_url))
+        why = {
+            "local": f"chosen automatically: {rows['vllm_bin'].value} is installed",
+            "external": "chosen automatically: an external URL is saved",
+            "builtin": f"chosen automatically: no {rows['vllm_bin'].value} executable and no external URL",
+        }[mode]
+        derived("mode", mode, why)
+    try:
+        derived("cpu_engine", cpu_engine_support().default_engine, "")
+    except ImproperlyConfigured:
+        pass  # the project's app config is not loaded: "the default engine"
+    return list(rows.values())
 
 
 def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = os.environ) -> EffectiveConfig:
     row = row if row is not None else VLMSettings.load()
     options = {r.field: r.value for r in describe_options(row, environ)}
-    model = row.model or DEFAULT_MODEL
-    served_model_name = row.served_model_name or model
+    model = options["model"]
+    served_model_name = options["served_model_name"]
     local = LocalServerConfig(
         vllm_bin=options["vllm_bin"],
         model=model,
@@ -164,18 +253,10 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
         tensor_parallel_size=row.tensor_parallel_size,
         data_parallel_size=row.data_parallel_size,
         autostart=row.autostart,
-        hf_token=row.hf_token,
+        hf_token=options["hf_token"],
     )
     external_base_url = normalize_base_url(row.external_base_url)
-    mode_is_automatic = not row.mode
-    if row.mode:
-        mode: ModeName = row.mode  # type: ignore[assignment]
-    elif local.vllm_bin_found:
-        mode = Mode.LOCAL.value
-    elif external_base_url:
-        mode = Mode.EXTERNAL.value
-    else:
-        mode = Mode.BUILTIN.value
+    mode: ModeName = options["mode"]  # type: ignore[assignment]
     base_url, api_key = {
         "local": (local.base_url, local.api_key),
         "external": (external_base_url, row.external_api_key),
@@ -183,7 +264,7 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
     }[mode]
     return EffectiveConfig(
         mode=mode,
-        mode_is_automatic=mode_is_automatic,
+        mode_is_automatic=not row.mode,
         model=model,
         served_model_name=served_model_name,
         base_url=base_url,
@@ -191,6 +272,11 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
         local=local,
         external_base_url=external_base_url,
     )
+
+
+def automatic_mode(config: EffectiveConfig) -> ModeName:
+    """What a blank mode would mean for this configuration (the page's mode select shows it)."""
+    return _automatic_mode(config.local.vllm_bin, config.external_base_url)
 
 
 async def aresolve_config(environ: Mapping[str, str] = os.environ) -> EffectiveConfig:

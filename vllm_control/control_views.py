@@ -13,6 +13,8 @@ from django.views.decorators.http import require_POST
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
 from vllm_control.events import status_payload
+from vllm_control.forms import CONNECTION_FIELDS, VLMSettingsForm
+from vllm_control.models import VLMSettings
 from vllm_control.permissions import can_manage_server
 from vllm_control.redaction import redact_urls
 from vllm_control.startup_errors import not_found
@@ -75,7 +77,36 @@ def restart(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
 
 @manager_post
 def test_connection(request: HttpRequest, config: EffectiveConfig) -> JsonResponse:
+    """The saved configuration's server; or, when the settings form is posted, the form's (unsaved)."""
+    if "mode" in request.POST:
+        return _test_form(request)
     if config.mode == "builtin":
         return _answer(False, "Built-in mode does not use a model server.", None, 400)
     ok, message, status = runtime.run_sync(lambda: runtime.test_connection(config), timeout=30)
     return _answer(ok, message, status)
+
+
+def _test_form(request: HttpRequest) -> JsonResponse:
+    """Test connection on the settings form as it is, unsaved: blank keys mean the saved ones, a URL showing
+    *** keeps the saved credentials (the form's own cleaning). Errors in unrelated fields do not matter."""
+    form = VLMSettingsForm(request.POST, instance=VLMSettings.load())
+    form.is_valid()  # validated values go into form.instance, which is never saved
+    errors = {name: [str(e) for e in form.errors[name]] for name in CONNECTION_FIELDS if name in form.errors}
+    if errors:
+        names = ", ".join(str(form.fields[name].label) for name in errors)
+        return _test_answer(False, f"Correct these fields first: {names}.", code=400, errors=errors)
+    try:
+        candidate = resolve_config(form.instance)
+    except ImproperlyConfigured as exc:
+        return _test_answer(False, str(exc), code=400)
+    if candidate.mode == "builtin":
+        return _test_answer(False, "Built-in mode does not use a model server.", code=400)
+    tested = runtime.run_sync(lambda: runtime.test_candidate(candidate), timeout=30)
+    return _test_answer(
+        tested.ok, tested.message, reachable=tested.reachable, models=tested.served_models,
+        model=candidate.served_model_name, base_url=tested.base_url, mode=candidate.mode,
+    )
+
+
+def _test_answer(ok: bool, message: str, *, code: int = 200, **details: object) -> JsonResponse:
+    return JsonResponse({"ok": ok, "message": redact_urls(message), "status": None, **details}, status=code)

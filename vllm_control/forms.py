@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from django import forms
 from django.core.exceptions import ImproperlyConfigured
 
-from vllm_control.config import normalize_base_url, parse_signal
+from vllm_control.config import OptionRow, normalize_base_url, parse_signal
 from vllm_control.cpu_engines import cpu_engine_support
-from vllm_control.models import CPUEngine, VLMSettings
+from vllm_control.models import CPUEngine, Mode, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
 URL_FIELDS = ("base_url", "external_base_url")
@@ -28,6 +29,91 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "temperature", "page_retries", "max_in_flight", "request_timeout_s", "extra_body",
     ),
 }
+
+
+ModeSet = frozenset[str]
+ALL_MODES: ModeSet = frozenset({"local", "external", "builtin"})
+VLM_MODES: ModeSet = frozenset({"local", "external"})
+# The modes a section's options apply to (others: every mode); a field listed in FIELD_MODES overrides its
+# section's. The page hides the sections and marks the fields that do not apply to the chosen mode.
+SECTION_MODES: dict[str, ModeSet] = {
+    "Local runner (vllm serve)": frozenset({"local"}),
+    "External server": frozenset({"external"}),
+    "Built-in (CPU)": frozenset({"builtin"}),
+}
+FIELD_MODES: dict[str, ModeSet] = {
+    name: VLM_MODES
+    for name in (
+        "model", "served_model_name", "prompt_preset", "custom_prompt", "target_longest_side", "image_format",
+        "max_tokens", "temperature", "request_timeout_s", "extra_body",
+    )
+}
+# The fields "Test connection" reads from the unsaved form (their errors stop a test; others do not).
+CONNECTION_FIELDS = (
+    "mode", "model", "served_model_name", "host", "port", "protocol", "base_url", "local_api_key",
+    "external_base_url", "external_api_key",
+)
+MODE_NAMES = {"local": "Local", "external": "External", "builtin": "Built-in"}
+
+
+def modes_of(section: str, name: str | None = None) -> ModeSet:
+    if name is not None and name in FIELD_MODES:
+        return FIELD_MODES[name]
+    return SECTION_MODES.get(section, ALL_MODES)
+
+
+@dataclass(frozen=True)
+class FieldRow:
+    field: forms.BoundField
+    option: OptionRow | None
+    modes: ModeSet
+    mode: str  # the chosen mode
+
+    @property
+    def applies(self) -> bool:
+        return self.mode in self.modes
+
+    @property
+    def modes_attr(self) -> str:
+        return " ".join(sorted(self.modes))
+
+    @property
+    def not_applicable_note(self) -> str:
+        return f"Not used in {MODE_NAMES.get(self.mode, self.mode)} mode."
+
+
+@dataclass(frozen=True)
+class SectionRow:
+    title: str
+    rows: list[FieldRow]
+    modes: ModeSet
+    mode: str
+
+    @property
+    def applies(self) -> bool:
+        return self.mode in self.modes
+
+    @property
+    def modes_attr(self) -> str:
+        return " ".join(sorted(self.modes))
+
+    @property
+    def not_applicable_note(self) -> str:
+        return f"not used in {MODE_NAMES.get(self.mode, self.mode)} mode"
+
+
+def layout(form: forms.BaseForm, options: list[OptionRow], mode: str) -> list[SectionRow]:
+    """SECTIONS as the page renders them: each field with its effective value, source and variable, and
+    whether it applies to `mode`."""
+    described = {option.field: option for option in options}
+    sections = []
+    for title, names in SECTIONS.items():
+        for name in names:  # the help block under each field also says the value in use
+            widget = form.fields[name].widget
+            widget.attrs.setdefault("aria-describedby", f"{form[name].auto_id}_helptext")
+        rows = [FieldRow(form[name], described.get(name), modes_of(title, name), mode) for name in names]
+        sections.append(SectionRow(title, rows, modes_of(title), mode))
+    return sections
 
 
 
@@ -76,13 +162,33 @@ class VLMSettingsForm(forms.ModelForm):
             "extra_body": "Extra request body (JSON)",
             "cpu_engine": "CPU engine",
         }
+        help_texts = {
+            "mode": "Local: ocrsite runs vllm serve on this machine. External: a server someone else runs. "
+            "Built-in: the CPU engines, no model server. Blank: chosen automatically.",
+            "model": "The Hugging Face model id vLLM serves (Local), or a model the External server serves: "
+            "Test connection lists them.",
+            "served_model_name": "The name requests use (vLLM's --served-model-name). Blank: the model id.",
+            "host": "The address vllm serve binds (--host).",
+            "port": "vllm serve's --port; also the port of the derived base URL.",
+            "protocol": "http, or https when vLLM is given a certificate in the extra arguments.",
+            "base_url": "Where ocrsite reaches the local server. Blank: derived from protocol, host and port.",
+            "serve_args": "Extra vllm serve arguments, shell-quoted (e.g. --enforce-eager).",
+            "stop_signal": "Sent to vLLM's process group to stop it, then SIGKILL after the grace time.",
+            "gpu_memory_utilization": "The share of GPU memory vLLM may take (0.05 to 1).",
+            "max_model_len": "The context length (prompt and answer), in tokens.",
+            "autostart": "Start the local server when ocrsite starts.",
+            "external_base_url": "The OpenAI-compatible base URL, e.g. http://gpu-box:8000/v1.",
+            "max_in_flight": "Pages sent to the model server at once (CPU engines: also bounded by the cores).",
+            "page_retries": "Further attempts for a page that failed.",
+        }
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         for name in VLMSettings.SECRET_FIELDS:
             saved = bool(getattr(self.instance, name))
-            self.fields[name].help_text = "Saved; leave blank to keep it." if saved else "Not set."
-        self.fields["mode"].help_text = "Leave blank to choose automatically from what this machine has."
+            self.fields[name].help_text = "Write-only: leave blank to keep the saved one." if saved else "Write-only."
+        self.fields["mode"].choices = [("", "Automatic (Local when vLLM is installed, else External when a URL is saved, else Built-in)"), *Mode.choices]
+        self.fields["model"].widget.attrs["list"] = "served-models"
         for name in URL_FIELDS:
             self.initial[name] = redact_urls(self.initial.get(name) or "")
         support = cpu_engine_support()

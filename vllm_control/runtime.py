@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from vllm_control.command import build_command, server_environment
@@ -272,6 +273,47 @@ async def test_connection(config: EffectiveConfig) -> tuple[bool, str, ServerSta
         latency = f" in {status.latency_ms:g} ms" if status.latency_ms is not None else ""
         return True, f"Connected to {redact_urls(status.base_url)}{detail}{latency}; it serves '{status.model}'.", status
     return False, status.last_error or f"The model server is {status.state}.", status
+
+
+@dataclass(frozen=True)
+class CandidateTest:
+    """The answer to "Test connection" on the unsaved settings form."""
+
+    ok: bool
+    reachable: bool
+    message: str
+    served_models: list[str]
+    base_url: str  # without credentials
+
+
+async def test_candidate(config: EffectiveConfig) -> CandidateTest:
+    """Check the server of a configuration that is not saved (the settings form as it is now): one probe of
+    its /v1/models, nothing cached, published or started. External: the URL with its key. Local: the local
+    server at the form's address (it answers only when running; ocrsite starts it after a save, or on Start)."""
+    if config.mode == "external":
+        result = await probe(config.external_base_url, api_key=config.api_key, model=config.served_model_name)
+        base_url = config.external_base_url
+    else:
+        base_url = config.local.base_url
+        result = await probe(base_url, api_key=config.api_key, model=config.served_model_name, timeout=2.0, check_health=True)
+    shown = redact_urls(base_url)
+    if result.ok:
+        detail = f" (vLLM {result.server_version})" if result.server_version else ""
+        latency = f" in {result.latency_ms:g} ms" if result.latency_ms is not None else ""
+        message = f"Connected to {shown}{detail}{latency}; it serves '{config.served_model_name}'."
+    elif config.mode == "local" and not result.reachable:
+        supervisor = _supervisor
+        starting = supervisor is not None and supervisor.running and supervisor.config.port == config.local.port
+        message = (
+            f"The local vLLM server at {shown} is still starting ({supervisor.state}); try again when it is ready."
+            if starting and supervisor is not None
+            else f"No local vLLM server is running at {shown}. Save the settings, then Start it (or enable autostart)."
+        )
+    else:
+        message = result.message or f"The model server at {shown} did not answer as expected."
+        if result.served_models:
+            message += " Pick one of them below."
+    return CandidateTest(result.ok, result.reachable, message, result.served_models, shown)
 
 
 # --- settings changes ------------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import replace
-
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
-from vllm_control.config import describe_options, resolve_config
-from vllm_control.forms import SECTIONS, VLMSettingsForm
+from vllm_control.config import automatic_mode, describe_options, resolve_config
+from vllm_control.forms import VLMSettingsForm, layout
 from vllm_control.models import Mode, VLMSettings
 from vllm_control.permissions import MANAGE_SERVER
 from vllm_control.redaction import redact_urls
@@ -23,7 +21,7 @@ def settings_page(request: HttpRequest) -> HttpResponse:
     # Read before the form binds: validation writes the submitted values into `row`, and the page
     # shows what is saved until a save succeeds.
     before = resolve_config(row)
-    options = [replace(option, value=redact_urls(option.value)) for option in describe_options(row)]
+    options = describe_options(row)
     form = VLMSettingsForm(request.POST or None, instance=row)
     if request.method == "POST" and form.is_valid():
         try:
@@ -33,17 +31,22 @@ def settings_page(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, "Settings saved.")
             return redirect("vllm_control:settings")
-    sections = [(title, [form[name] for name in names]) for title, names in SECTIONS.items()]
+    automatic = automatic_mode(before)
+    # The options shown are those of the mode the form holds (a rejected form keeps the one submitted).
+    chosen = (form["mode"].value() or automatic) if form.is_bound else before.mode
+    vllm_bin = next(option for option in options if option.field == "vllm_bin")
     return render(
         request,
         "vllm_control/settings.html",
         {
             "form": form,
-            "sections": sections,
+            "sections": layout(form, options, chosen),
             "clear_fields": form.secret_rows(),
             "config": before,
             "base_url": redact_urls(before.base_url),
             "mode_label": Mode(before.mode).label,
-            "options": options,
+            "chosen_mode": chosen,
+            "automatic_mode": automatic,
+            "vllm_bin": vllm_bin,
         },
     )

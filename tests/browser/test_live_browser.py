@@ -104,9 +104,9 @@ def test_script_in_page_text_renders_inert(page, server, tmp_path: Path):
 def test_settings_page_stop_start_and_test_connection_buttons(page, server):
     page.goto(f"{server.url}/settings/")
     page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
-    page.click("#server-controls button:has-text('Test connection')")
-    page.wait_for_function("() => document.querySelector('#server-control-result').textContent.length > 1")
-    assert "error" not in (page.locator("#server-control-result").get_attribute("class") or "")
+    page.click("#test-connection-button")
+    page.wait_for_function("() => document.querySelector('#test-connection-result').className === 'ok'")
+    assert page.locator("#test-connection-result").inner_text().startswith("Connected to http://127.0.0.1:")
 
     page.click("#server-controls button:has-text('Stop')")
     page.wait_for_selector("#server-status[data-state=stopped]", timeout=30_000)
