@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from vllm_control.command import build_command, server_environment
-from vllm_control.config import EffectiveConfig, LocalServerConfig
+from vllm_control.config import EffectiveConfig, Endpoint, LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
 from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
@@ -237,6 +237,31 @@ def route_endpoints(config: EffectiveConfig) -> None:
         router().ensure_health_loop()
 
 
+def watch_endpoints(config: EffectiveConfig) -> None:
+    """`route_endpoints` on the home loop, from any thread (a settings change in a sync view)."""
+    loop = _loop
+    if len(config.endpoints) > 1 and _usable(loop):
+        assert loop is not None
+        loop.call_soon_threadsafe(route_endpoints, config)
+
+
+def _unchecked(endpoint: Endpoint) -> EndpointStatus:
+    return EndpointStatus(
+        key=endpoint.key, name=endpoint.name, kind=endpoint.kind, base_url=endpoint.base_url,
+        state=ServerState.STARTING, capacity=endpoint.capacity,
+        port=endpoint.local.port if endpoint.local else None,
+        cuda_visible_devices=endpoint.local.cuda_visible_devices if endpoint.local else "",
+    )
+
+
+def known_endpoint_statuses(config: EffectiveConfig) -> list[EndpointStatus]:
+    """Each endpoint of `config` as this process's router sees it (`starting`: not checked here yet)."""
+    known = {status.key: status for status in router().statuses()}
+    return [
+        known[e.key] if e.key in known and known[e.key].base_url == e.base_url else _unchecked(e) for e in config.endpoints
+    ]
+
+
 async def endpoint_statuses(config: EffectiveConfig) -> list[EndpointStatus]:
     """Each endpoint of `config`: as this process's router sees it, else as a probe finds it now."""
     known = {status.key: status for status in router().statuses()}
@@ -247,13 +272,11 @@ async def endpoint_statuses(config: EffectiveConfig) -> list[EndpointStatus]:
             results.append(status)
             continue
         result = await probe_endpoint(endpoint, config.served_model_name)
-        results.append(EndpointStatus(
-            key=endpoint.key, name=endpoint.name, kind=endpoint.kind, base_url=endpoint.base_url,
-            state=ServerState.READY if result.ok else ServerState.UNHEALTHY, capacity=endpoint.capacity,
-            latency_ms=result.latency_ms, last_error=None if result.ok else result.message,
-            last_health_check=result.checked_at, port=endpoint.local.port if endpoint.local else None,
-            cuda_visible_devices=endpoint.local.cuda_visible_devices if endpoint.local else "",
-        ))
+        status = _unchecked(endpoint)
+        status.state = ServerState.READY if result.ok else ServerState.UNHEALTHY
+        status.latency_ms, status.last_health_check = result.latency_ms, result.checked_at
+        status.last_error = None if result.ok else result.message
+        results.append(status)
     return results
 
 

@@ -33,6 +33,7 @@ def save_model_server(*, server: ModelServer) -> EffectiveConfig:
     server.save()
     after = resolve_config()
     runtime.settings_changed(old=before, new=after)
+    runtime.watch_endpoints(after)
     return after
 
 
@@ -41,4 +42,5 @@ def delete_model_server(*, server: ModelServer) -> EffectiveConfig:
     server.delete()
     after = resolve_config()
     runtime.settings_changed(old=before, new=after)
+    runtime.watch_endpoints(after)
     return after
