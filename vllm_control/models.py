@@ -4,6 +4,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from vllm_control.redaction import redact_urls
+
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
 
@@ -162,7 +164,7 @@ class ModelServer(models.Model):
         verbose_name = "model server"
 
     def __str__(self) -> str:
-        return self.name or (f"local :{self.port}" if self.kind == ServerKind.LOCAL else self.base_url)
+        return self.name or (f"local :{self.port}" if self.kind == ServerKind.LOCAL else redact_urls(self.base_url))
 
     def clean(self) -> None:
         if self.kind == ServerKind.LOCAL and not self.port:
