@@ -1,8 +1,7 @@
 """The ASGI `lifespan` protocol: the site's composition of both apps at start-up and shutdown.
 
-Start-up: the Local model servers (when configured to start with the site) and the endpoints' health
-checks, the OCR runner, then the
-webhook delivery loop. Shutdown: the delivery loop and the runner first (its in-flight pages go back to
+Start-up: the Local model servers (when configured to start with the site) and, with several model
+servers, the endpoints' health checks; the OCR runner, then the webhook delivery loop. Shutdown: the delivery loop and the runner first (its in-flight pages go back to
 the queue), then the model server, waited for.
 """
 
