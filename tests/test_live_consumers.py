@@ -314,7 +314,7 @@ async def test_publishing_never_raises_when_the_channel_layer_is_down(settings, 
     assert time.monotonic() - started < 60  # bounded by the send timeout, not hanging
 
 
-async def test_every_event_type_the_code_emits_is_declared_and_matches(user, alice_scan):
+async def test_every_event_type_the_code_emits_is_declared_and_matches(user, staff_user, alice_scan):
     headers = await sync_to_async(session_headers)(user)
     seen: set[str] = set()
     scan_socket = await connect(f"/ws/scans/{alice_scan.pk}/", headers)
@@ -332,6 +332,11 @@ async def test_every_event_type_the_code_emits_is_declared_and_matches(user, ali
     seen.add((await receive(server_socket))["type"])
     await server_socket.send_to(text_data="not json")
     seen.add((await receive(server_socket))["type"])
+    manager_socket = await connect("/ws/server/", await sync_to_async(session_headers)(staff_user))
+    await receive(manager_socket)
+    await events.publish_endpoints([])  # the endpoints' figures: to people who manage the server
+    seen.add((await receive(manager_socket))["type"])
+    await manager_socket.disconnect()
 
     assert seen == set(EVENTS_BY_TYPE)
     for communicator in (scan_socket, list_socket, server_socket):

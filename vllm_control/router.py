@@ -145,6 +145,7 @@ class Router:
         rotation, and raises NoEndpointAvailable after `timeout` seconds."""
         self.ensure_health_loop()
         deadline = time.monotonic() + timeout
+        waited = False
         while True:
             with self._lock:
                 entry = self._choose()
@@ -159,7 +160,9 @@ class Router:
                     f"{entry.endpoint.name}: {entry.last_error or entry.state}" for entry in self._endpoints.values()
                 )
                 raise NoEndpointAvailable(f"No model server is available ({errors or 'none is configured'}).")
-            self._poke_health()
+            if not waited:  # endpoints not checked yet are probed now, not at the loop's next round
+                waited = True
+                self._poke_health()
             await asyncio.sleep(min(0.05, remaining))
 
     def release(self, lease: Lease, *, answered: bool, connection_lost: bool = False, error: str | None = None) -> None:
