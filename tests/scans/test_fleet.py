@@ -9,6 +9,8 @@ import json
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.test import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 from scans.models import Page, Scan
 from scans.pipeline.runner import Runner
@@ -160,6 +162,7 @@ async def test_a_server_killed_mid_request_has_its_pages_resent_to_the_other(fak
 @pytest.mark.django_db(transaction=True)
 async def test_a_server_that_returns_is_used_again(fake, owner, tmp_path, fresh_router, monkeypatch, settings):
     monkeypatch.setenv("OCRSITE_RUNNER_POLL_MS", "200")
+    settings.OCRSITE_METRICS_TOKEN = ""
     settings.MEDIA_ROOT = tmp_path / "media"
     first = fake()
     second = fake()
@@ -171,6 +174,12 @@ async def test_a_server_that_returns_is_used_again(fake, owner, tmp_path, fresh_
     assert await Runner().run_scan(scan.pk) == Scan.Status.DONE  # all on the second
     assert sorted(r["page_marker"] for r in second.requests()) == [1, 2, 3, 4]
     assert {s.key: s.state for s in fresh_router.statuses()}["main"] != ServerState.READY
+    metrics = await sync_to_async(Client(REMOTE_ADDR="127.0.0.1").get)("/metrics")
+    found = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+             for family in text_string_to_metric_families(metrics.content.decode()) for sample in family.samples}
+    state = ("ocrsite_endpoint_state", (("endpoint", second.base_url), ("mode", "external"), ("state", "ready")))
+    assert found[state] == 1
+    assert found[("ocrsite_endpoint_state", (("endpoint", first.base_url), ("mode", "external"), ("state", "ready")))] == 0
 
     revived = fake(port=port)  # the same server back on its port
     await eventually(lambda: {s.key: s.state for s in fresh_router.statuses()}["main"] == ServerState.READY)
