@@ -9,6 +9,7 @@ from vllm_control.config import normalize_base_url
 from vllm_control.models import ModelServer, ServerKind
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
+FORM_PREFIX = "server"  # on the settings page beside the settings' own port and base URL fields
 FIELDS = ("name", "kind", "base_url", "api_key", "port", "cuda_visible_devices", "capacity", "enabled")
 
 

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 from vllm_control.models import ModelServer
 from vllm_control.permissions import MANAGE_SERVER
 from vllm_control.redaction import redact_urls
-from vllm_control.server_forms import ModelServerForm
+from vllm_control.server_forms import FORM_PREFIX, ModelServerForm
 from vllm_control.services import delete_model_server, save_model_server
 
 
@@ -20,7 +20,7 @@ from vllm_control.services import delete_model_server, save_model_server
 def model_server(request: HttpRequest, pk: int | None = None) -> HttpResponse:
     """GET: the form of one server (a new one without `pk`); POST: save it and go back to the settings."""
     server = get_object_or_404(ModelServer, pk=pk) if pk is not None else ModelServer()
-    form = ModelServerForm(request.POST or None, instance=server)
+    form = ModelServerForm(request.POST or None, instance=server, prefix=FORM_PREFIX)
     if request.method == "POST" and form.is_valid():
         save_model_server(server=form.instance)
         messages.success(request, f"Model server {redact_urls(str(form.instance))} saved.")

@@ -15,7 +15,7 @@ from vllm_control.forms import SECTIONS, VLMSettingsForm
 from vllm_control.models import Mode, ModelServer, VLMSettings
 from vllm_control.permissions import MANAGE_SERVER
 from vllm_control.redaction import redact_urls
-from vllm_control.server_forms import ModelServerForm
+from vllm_control.server_forms import FORM_PREFIX, ModelServerForm
 from vllm_control.services import save_settings
 
 
@@ -65,5 +65,5 @@ def model_servers_context() -> dict:
              "gpus": server.cuda_visible_devices, "capacity": server.capacity, "enabled": server.enabled}
             for server in ModelServer.objects.all()
         ],
-        "server_form": ModelServerForm(),
+        "server_form": ModelServerForm(prefix=FORM_PREFIX),
     }

@@ -134,8 +134,8 @@ def test_the_settings_page_lists_the_servers_and_never_renders_their_keys(staff_
     row.save()
     response = staff_client.post(
         "/settings/servers/add/",
-        {"kind": "external", "base_url": "http://user:pw@gpu2:8000", "api_key": "sk-ADDED-SECRET", "capacity": "8",
-         "enabled": "on", "name": ""},
+        {"server-kind": "external", "server-base_url": "http://user:pw@gpu2:8000", "server-api_key": "sk-ADDED-SECRET", "server-capacity": "8",
+         "server-enabled": "on", "server-name": ""},
         follow=True,
     )
     assert response.status_code == 200
@@ -149,12 +149,13 @@ def test_the_settings_page_lists_the_servers_and_never_renders_their_keys(staff_
     edit = staff_client.get(f"/settings/servers/{server.pk}/").content.decode()
     assert "sk-ADDED-SECRET" not in edit and "user:pw" not in edit and "Saved; leave blank to keep it." in edit
     staff_client.post(f"/settings/servers/{server.pk}/", {
-        "kind": "external", "base_url": "http://***@gpu2:8000/v1", "api_key": "", "capacity": "6", "enabled": "on", "name": "second",
+        "server-kind": "external", "server-base_url": "http://***@gpu2:8000/v1", "server-api_key": "", "server-capacity": "6",
+        "server-enabled": "on", "server-name": "second",
     })
     server.refresh_from_db()
     assert (server.base_url, server.api_key, server.capacity, server.name) == ("http://user:pw@gpu2:8000/v1", "sk-ADDED-SECRET", 6, "second")
 
-    local = staff_client.post("/settings/servers/add/", {"kind": "local", "capacity": "4", "enabled": "on"})
+    local = staff_client.post("/settings/servers/add/", {"server-kind": "local", "server-capacity": "4", "server-enabled": "on"})
     assert "A Local server needs its own port." in local.content.decode()
     staff_client.post(f"/settings/servers/{server.pk}/delete/")
     assert not ModelServer.objects.exists()
