@@ -10,7 +10,7 @@ from scans.pipeline.routed_engine import RoutedEngine
 from scans.pipeline.types import Engine
 from scans.pipeline.vllm_engine import VLLMEngine
 from vllm_control.config import EffectiveConfig
-from vllm_control.router import router
+from vllm_control.router import Router, router
 
 VLLM = "vllm"
 # What a scan's `engine` option may say: an engine, or "builtin" for the configured CPU engine.
@@ -67,10 +67,14 @@ def build_engine(
     if name in CPU_ENGINES:
         return build_cpu_engine(name, language=ocr.language)
     if not base_url and len(config.endpoints) > 1:  # several model servers: each request is routed
+        served = model or config.served_model_name
         return RoutedEngine(
             config.endpoints,
-            model or config.served_model_name,
-            router=router(),
+            served,
+            # The process's router (its figures are what the settings page shows) checks that the endpoints
+            # serve the configured model; a scan asking for another model gets a router of its own.
+            router=router() if served == config.served_model_name else Router(),
+            owns_router=served != config.served_model_name,
             timeout_s=ocr.request_timeout_s,
             max_in_flight=max_in_flight or ocr.max_in_flight,
             wait_s=fleet_wait_s(config, ocr),

@@ -34,8 +34,10 @@ class RoutedEngine:
         max_in_flight: int,
         wait_s: float,
         health_interval_s: float | None = None,
+        owns_router: bool = False,
     ) -> None:
         self.model = model
+        self._owns_router = owns_router  # stopped with the engine (else the process's, which outlives it)
         self.wait_s = wait_s
         self._router = router
         self._router.configure(endpoints, model=model, health_interval_s=health_interval_s)
@@ -47,6 +49,8 @@ class RoutedEngine:
 
     async def aclose(self) -> None:
         await asyncio.gather(*(engine.aclose() for engine in self._engines.values()))
+        if self._owns_router:
+            await self._router.stop()
 
     async def ocr_page(self, image: PageImage, options: OCRConfig, *, temperature: float | None = None) -> PageResult:
         resends = 0
