@@ -1,7 +1,7 @@
 """The ASGI `lifespan` protocol: the site's composition of both apps at start-up and shutdown.
 
-Start-up: the Local model server (when configured to start with the site), the OCR runner, then the
-webhook delivery loop. Shutdown: the delivery loop and the runner first (its in-flight pages go back to
+Start-up: the Local model servers (when configured to start with the site) and, with several model
+servers, the endpoints' health checks; the OCR runner, then the webhook delivery loop. Shutdown: the delivery loop and the runner first (its in-flight pages go back to
 the queue), then the model server, waited for.
 """
 
@@ -27,6 +27,9 @@ async def startup() -> None:
     config = await aresolve_config()
     if config.mode == "local" and config.local.autostart:
         await runtime.start_local(config)
+    if len(config.endpoints) > 1:  # several model servers: the extra Local ones, and their health checks
+        await runtime.sync_fleet(config, start=config.local.autostart)
+        runtime.route_endpoints(config)
     if settings.OCRSITE_EMBEDDED_RUNNER:
         await start_embedded_runner()
     await start_delivery_loop()  # webhook deliveries, including the retries a previous run left

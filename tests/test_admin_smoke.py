@@ -18,14 +18,14 @@ from api import tokens
 from api.models import Webhook, WebhookDelivery
 from scans.models import Page, Worker
 from tests.test_live_consumers import make_scan
-from vllm_control.models import VLMSettings
+from vllm_control.models import ModelServer, VLMSettings
 
 pytestmark = pytest.mark.django_db
 
 CLERK_PERMISSIONS = (
     "scans.view_scan", "scans.view_page", "scans.change_page", "vllm_control.change_vlmsettings", "auth.view_group",
 )
-SECRETS = ("sk-LOCAL-SECRET", "sk-EXTERNAL-SECRET", "hf_SECRET", "url-password", "sk-SCAN-SECRET")
+SECRETS = ("sk-LOCAL-SECRET", "sk-EXTERNAL-SECRET", "hf_SECRET", "url-password", "sk-SCAN-SECRET", "sk-SERVER-SECRET")
 
 
 def _scan(owner) -> Model:
@@ -46,6 +46,10 @@ OBJECTS: dict[str, tuple[Callable[[object], Model], Callable[[Model], str]]] = {
     "scans.scan": (_scan, lambda scan: "letters"),
     "scans.page": (lambda owner: Page.objects.get(scan=_scan(owner), number=1), lambda page: "letters"),
     "vllm_control.vlmsettings": (_settings, lambda row: "anything"),  # no search fields: the list, unfiltered
+    "vllm_control.modelserver": (
+        lambda owner: ModelServer.objects.create(base_url="http://ocr:url-password@gpu3:8000/v1", api_key="sk-SERVER-SECRET"),
+        lambda server: "anything",
+    ),
     "auth.user": (lambda owner: owner, lambda user: user.username),
     "auth.group": (lambda owner: Group.objects.create(name="reviewers"), lambda group: group.name),
     "scans.worker": (lambda owner: Worker.objects.create(worker_id="host:1:abc", heartbeat_at=timezone.now()), lambda w: "host"),
@@ -63,6 +67,7 @@ CLERK_EXPECTED = {
     "scans.scan": (200, 403, 200),
     "scans.page": (200, 403, 200),
     "vllm_control.vlmsettings": (200, 403, 200),  # add: the one row exists already
+    "vllm_control.modelserver": (403, 403, 403),
     "auth.user": (403, 403, 403),
     "auth.group": (200, 403, 200),
     "scans.worker": (403, 403, 403),

@@ -314,7 +314,7 @@ async def test_publishing_never_raises_when_the_channel_layer_is_down(settings, 
     assert time.monotonic() - started < 60  # bounded by the send timeout, not hanging
 
 
-async def test_every_event_type_the_code_emits_is_declared_and_matches(user, alice_scan):
+async def test_every_event_type_the_code_emits_is_declared_and_matches(user, staff_user, alice_scan):
     headers = await sync_to_async(session_headers)(user)
     seen: set[str] = set()
     scan_socket = await connect(f"/ws/scans/{alice_scan.pk}/", headers)
@@ -332,6 +332,11 @@ async def test_every_event_type_the_code_emits_is_declared_and_matches(user, ali
     seen.add((await receive(server_socket))["type"])
     await server_socket.send_to(text_data="not json")
     seen.add((await receive(server_socket))["type"])
+    manager_socket = await connect("/ws/server/", await sync_to_async(session_headers)(staff_user))
+    await receive(manager_socket)
+    await events.publish_endpoints([])  # the endpoints' figures: to people who manage the server
+    seen.add((await receive(manager_socket))["type"])
+    await manager_socket.disconnect()
 
     assert seen == set(EVENTS_BY_TYPE)
     for communicator in (scan_socket, list_socket, server_socket):
@@ -405,3 +410,32 @@ async def test_signing_out_closes_that_sessions_sockets(user, alice_scan):
     assert (await receive(elsewhere))["page"]["preview"] == "PAGE 1 private text"
     assert await sockets[0].receive_nothing(timeout=0.3)
     await elsewhere.disconnect()
+
+
+async def test_endpoint_figures_reach_the_managers_settings_page_live(user, staff_user):
+    from vllm_control.config import Endpoint
+    from vllm_control.external import ProbeResult
+    from vllm_control.router import Router
+
+    async def healthy(endpoint, model):
+        return ProbeResult(True, True, False)
+
+    plain = await connect("/ws/server/", await sync_to_async(session_headers)(user))
+    staff = await connect("/ws/server/", await sync_to_async(session_headers)(staff_user))
+    for communicator in (plain, staff):
+        assert (await receive(communicator))["type"] == "server.snapshot"
+    router = Router(probe=healthy)
+    router.configure((
+        Endpoint(key="main", name="gpu1", kind="external", base_url="http://gpu1:8000/v1", capacity=4, api_key="sk-LIVE"),
+        Endpoint(key="server-1", name="gpu2", kind="external", base_url="http://gpu2:8000/v1", capacity=4),
+    ), model="m")
+    await router.check_now()  # both come into the rotation: a change, published
+
+    event = await receive(staff)
+    check_event(event)
+    assert event["type"] == "server.endpoints"
+    assert [(e["key"], e["state"], e["in_flight"]) for e in event["endpoints"]] == [("main", "ready", 0), ("server-1", "ready", 0)]
+    assert "sk-LIVE" not in json.dumps(event)
+    assert await plain.receive_nothing(timeout=0.2), "endpoint details go to people who manage the server only"
+    await plain.disconnect()
+    await staff.disconnect()

@@ -114,7 +114,7 @@ def test_every_declared_event_has_a_unique_literal_type():
     names = [event_type_name(d) for d in DECLARED]
     assert len(names) == len(set(names))
     assert {"scan.snapshot", "scan.progress", "page.update", "scans.list_item", "scans.snapshot",
-            "server.status", "server.snapshot", "socket.error"} == set(names)
+            "server.status", "server.snapshot", "server.endpoints", "socket.error"} == set(names)
 
 
 def test_every_type_literal_in_the_emitting_code_is_declared():
@@ -164,3 +164,18 @@ def test_server_status_accepts_every_state():
     for state in ServerState:
         check_event(events.status_event(_server_status(state=state, pid=None, port=None), detailed=False))
 
+
+
+def test_endpoint_events_match_their_declaration_and_hide_url_credentials():
+    from vllm_control.status import EndpointStatus
+
+    statuses = [
+        EndpointStatus(key="main", name="gpu1", kind="local", base_url="http://127.0.0.1:8000/v1", state=ServerState.READY,
+                       capacity=16, in_flight=3, pages_per_s=4.5, latency_ms=950.0, port=8000, cuda_visible_devices="0"),
+        EndpointStatus(key="server-2", name="http://u:pw@gpu2:8000/v1", kind="external", base_url="http://u:pw@gpu2:8000/v1",
+                       state=ServerState.UNHEALTHY, capacity=8, last_error="Cannot connect to http://u:pw@gpu2:8000/v1."),
+    ]
+    event = events.endpoints_event(statuses)
+    check_event(event)
+    assert "pw" not in json.dumps(event)
+    assert event["endpoints"][1]["base_url"] == "http://***@gpu2:8000/v1"

@@ -31,7 +31,7 @@ def build_command(config: LocalServerConfig) -> list[str]:
 
 
 def server_environment(config: LocalServerConfig, base: Mapping[str, str]) -> dict[str, str]:
-    """`base` (this process's environment) with the server's secrets from the settings. `VLLM_API_KEY` is
+    """`base` (this process's environment) with the server's secrets from the settings (and its GPUs). `VLLM_API_KEY` is
     exactly the settings' key (removed when there is none): the server must expect the key ocrsite sends.
     A Hugging Face token in `base` stays unless the settings have one."""
     env = {key: value for key, value in base.items() if key != "VLLM_API_KEY"}
@@ -39,6 +39,8 @@ def server_environment(config: LocalServerConfig, base: Mapping[str, str]) -> di
         env["VLLM_API_KEY"] = config.api_key
     if config.hf_token:
         env["HF_TOKEN"] = env["HUGGING_FACE_HUB_TOKEN"] = config.hf_token
+    if config.cuda_visible_devices:  # a server of several on this machine: its own GPUs
+        env["CUDA_VISIBLE_DEVICES"] = config.cuda_visible_devices
     return env
 
 

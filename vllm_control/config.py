@@ -10,14 +10,14 @@ import os
 import shlex
 import shutil
 import signal
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from django.core.exceptions import ImproperlyConfigured
 
 from vllm_control.cpu_engines import cpu_engine_support
-from vllm_control.models import DEFAULT_MODEL, VLMSettings
+from vllm_control.models import DEFAULT_MODEL, Mode, ModelServer, ServerKind, VLMSettings
 from vllm_control.redaction import redact_urls
 
 ModeName = Literal["local", "external", "builtin"]
@@ -52,10 +52,28 @@ class LocalServerConfig:
     data_parallel_size: int | None
     autostart: bool
     hf_token: str
+    cuda_visible_devices: str = ""  # "" leaves this process's CUDA_VISIBLE_DEVICES to the server
 
     @property
     def vllm_bin_found(self) -> bool:
         return shutil.which(self.vllm_bin) is not None
+
+
+EndpointKind = Literal["local", "external"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One model server pages can be sent to: the settings' own (key "main") or a ModelServer row
+    ("server-<pk>"). `local` is set for a Local server (what its supervisor runs)."""
+
+    key: str
+    name: str  # shown (credentials inside URLs are hidden where it is shown)
+    kind: EndpointKind
+    base_url: str  # ends with /v1
+    capacity: int  # requests it works on at once
+    api_key: str = field(default="", repr=False)
+    local: LocalServerConfig | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,14 @@ class EffectiveConfig:
     api_key: str
     local: LocalServerConfig
     external_base_url: str  # normalized, ends with /v1, "" when not configured
+    # Where page requests go (Local and External modes): the settings' own server first, then the enabled
+    # ModelServer rows. Empty in Built-in mode.
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def capacity(self) -> int:
+        """Requests all endpoints together work on at once."""
+        return sum(endpoint.capacity for endpoint in self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -227,7 +253,48 @@ def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) 
     return list(rows.values())
 
 
-def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = os.environ) -> EffectiveConfig:
+def endpoints_of(
+    *, mode: str, base_url: str, api_key: str, local: LocalServerConfig, capacity: int, servers: Iterable[ModelServer]
+) -> tuple[Endpoint, ...]:
+    """The settings' own server (capacity: the runner's `max_in_flight`), then the enabled extra servers."""
+    if mode not in ("local", "external"):
+        return ()
+    first = Endpoint(
+        key="main", name=base_url, kind=mode, base_url=base_url, capacity=capacity, api_key=api_key,  # type: ignore[arg-type]
+        local=local if mode == "local" else None,
+    )
+    endpoints = [first]
+    for server in servers:
+        if not server.enabled:
+            continue
+        if server.kind == ServerKind.LOCAL:
+            if not server.port:
+                continue
+            url = _local_base_url(local.protocol, local.host, server.port)
+            config = replace(local, port=server.port, base_url=url, cuda_visible_devices=server.cuda_visible_devices.strip())
+            endpoints.append(Endpoint(
+                key=f"server-{server.pk}", name=server.name or url, kind="local", base_url=url,
+                capacity=server.capacity, api_key=local.api_key, local=config,
+            ))
+        else:
+            url = normalize_base_url(server.base_url)
+            if not url:
+                continue
+            endpoints.append(Endpoint(
+                key=f"server-{server.pk}", name=server.name or url, kind="external", base_url=url,
+                capacity=server.capacity, api_key=server.api_key,
+            ))
+    return tuple(endpoints)
+
+
+def resolve_config(
+    row: VLMSettings | None = None,
+    environ: Mapping[str, str] = os.environ,
+    servers: Iterable[ModelServer] | None = None,
+) -> EffectiveConfig:
+    """`servers`: the extra model servers (None: read from the database when `row` is too, else none)."""
+    if servers is None:
+        servers = list(ModelServer.objects.filter(enabled=True)) if row is None else ()
     row = row if row is not None else VLMSettings.load()
     options = {r.field: r.value for r in describe_options(row, environ)}
     model = options["model"]
@@ -271,6 +338,9 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
         api_key=api_key,
         local=local,
         external_base_url=external_base_url,
+        endpoints=endpoints_of(
+            mode=mode, base_url=base_url, api_key=api_key, local=local, capacity=row.max_in_flight, servers=servers
+        ),
     )
 
 
@@ -281,4 +351,5 @@ def automatic_mode(config: EffectiveConfig) -> ModeName:
 
 async def aresolve_config(environ: Mapping[str, str] = os.environ) -> EffectiveConfig:
     row, _ = await VLMSettings.objects.aget_or_create(pk=1)
-    return resolve_config(row, environ)
+    servers = [server async for server in ModelServer.objects.filter(enabled=True)]
+    return resolve_config(row, environ, servers)

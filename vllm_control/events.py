@@ -15,7 +15,7 @@ from typing import Literal, TypedDict
 
 from ocrsite import live
 from vllm_control.redaction import redact_urls
-from vllm_control.status import ServerStatus
+from vllm_control.status import EndpointStatus, ServerStatus
 
 SERVER_STATUS_GROUP = "server-status"
 SERVER_STATUS_DETAILED_GROUP = "server-status-detailed"
@@ -52,7 +52,30 @@ class ServerSnapshotEvent(TypedDict):
     status: ServerStatusData
 
 
-SERVER_EVENT_TYPES: tuple[type, ...] = (ServerStatusEvent, ServerSnapshotEvent)
+class EndpointStatusData(TypedDict):
+    key: str
+    name: str
+    kind: Literal["local", "external"]
+    base_url: str
+    state: ServerStateName
+    capacity: int
+    in_flight: int | None
+    pages_per_s: float | None
+    latency_ms: float | None
+    last_error: str | None  # detailed only (the endpoints event goes to people who manage the server)
+    last_health_check: str | None
+    port: int | None
+    cuda_visible_devices: str
+
+
+class EndpointsEvent(TypedDict):
+    """The endpoints as this process's router sees them (sent at most every second while they change)."""
+
+    type: Literal["server.endpoints"]
+    endpoints: list[EndpointStatusData]
+
+
+SERVER_EVENT_TYPES: tuple[type, ...] = (ServerStatusEvent, ServerSnapshotEvent, EndpointsEvent)
 
 
 def status_payload(status: ServerStatus, *, detailed: bool) -> ServerStatusData:
@@ -67,6 +90,21 @@ def status_payload(status: ServerStatus, *, detailed: bool) -> ServerStatusData:
         data["last_error"] = PUBLIC_ERROR if status.last_error else None
         data["log_tail"] = []
     return data  # type: ignore[return-value]
+
+
+def endpoint_payload(status: EndpointStatus) -> EndpointStatusData:
+    """An endpoint as the settings page and `vllm_status --json` show it: credentials in URLs hidden
+    (an API key is never part of it)."""
+    data = asdict(status)
+    data["state"] = str(status.state)
+    data["name"] = redact_urls(status.name)
+    data["base_url"] = redact_urls(status.base_url)
+    data["last_error"] = redact_urls(status.last_error) if status.last_error else None
+    return data  # type: ignore[return-value]
+
+
+def endpoints_event(statuses: list[EndpointStatus]) -> EndpointsEvent:
+    return EndpointsEvent(type="server.endpoints", endpoints=[endpoint_payload(status) for status in statuses])
 
 
 def status_event(status: ServerStatus, *, detailed: bool) -> ServerStatusEvent:
@@ -84,3 +122,10 @@ async def publish_server_status(status: ServerStatus) -> None:
         (SERVER_STATUS_GROUP, status_event(status, detailed=False)),
     ]
     await live.publish(messages, read_at=time.time(), what="the model server's status")
+
+
+async def publish_endpoints(statuses: list[EndpointStatus]) -> None:
+    """Send the endpoints' figures to the settings pages of people who manage the server (never raises)."""
+    await live.publish(
+        [(SERVER_STATUS_DETAILED_GROUP, endpoints_event(statuses))], read_at=time.time(), what="the endpoints' status"
+    )

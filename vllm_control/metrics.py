@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vllm_control import runtime
+from vllm_control.router import router
 from vllm_control.status import ServerState
 
 IN_FLIGHT = Gauge("ocrsite_endpoint_requests_in_flight", "Requests this process has out, by endpoint.", ["endpoint"])
@@ -39,11 +40,20 @@ class EndpointCollector(Collector):
 
     def collect(self):
         state, restarts = self._families()
+        seen = set()
         for status in runtime.known_statuses():
             endpoint = endpoint_label(status.base_url)
+            seen.add(endpoint)
             for name in ServerState:
                 state.add_metric([endpoint, status.mode, str(name)], 1 if status.state == name else 0)
             restarts.add_metric([endpoint], status.restart_count)
+        for routed in router().statuses():  # several model servers: each as this process's router sees it
+            endpoint = endpoint_label(routed.base_url)
+            if endpoint in seen:
+                continue
+            seen.add(endpoint)
+            for name in ServerState:
+                state.add_metric([endpoint, routed.kind, str(name)], 1 if routed.state == name else 0)
         yield state
         yield restarts
 

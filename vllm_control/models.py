@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+from vllm_control.redaction import redact_urls
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
@@ -124,3 +127,47 @@ class VLMSettings(models.Model):
     def load(cls) -> "VLMSettings":
         settings, _ = cls.objects.get_or_create(pk=1)
         return settings
+
+
+class ServerKind(models.TextChoices):
+    LOCAL = "local", "Local (another vllm serve on this machine)"
+    EXTERNAL = "external", "External (an OpenAI-compatible URL)"
+
+
+class ModelServer(models.Model):
+    """A model server besides the settings' own, which stays the first endpoint. Each page request goes to
+    the healthy endpoint with the least work in flight for its capacity (vllm_control.router).
+
+    Local: another `vllm serve` of the settings' model and options, supervised like the first, on its own
+    port with its own GPUs (CUDA_VISIBLE_DEVICES). External: a URL with its own API key."""
+
+    name = models.CharField(max_length=50, blank=True, help_text="Shown on the status; blank: its URL.")
+    kind = models.CharField(max_length=10, choices=ServerKind.choices, default=ServerKind.EXTERNAL)
+    base_url = models.CharField(max_length=300, blank=True, help_text="External: the server's URL, e.g. http://gpu2:8000/v1")
+    api_key = models.CharField(max_length=200, blank=True, help_text="External: the server's API key (never shown again).")
+    port = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(65535)], help_text="Local: its port."
+    )
+    cuda_visible_devices = models.CharField(
+        max_length=100, blank=True, help_text="Local: the GPUs it uses (CUDA_VISIBLE_DEVICES), e.g. 1 or 2,3."
+    )
+    capacity = models.PositiveSmallIntegerField(
+        default=16, validators=[MinValueValidator(1), MaxValueValidator(512)],
+        help_text="Requests it works on at once (vLLM's --max-num-seqs, or fewer); more wait in its queue.",
+    )
+    enabled = models.BooleanField(default=True)
+
+    SECRET_FIELDS = ("api_key",)
+
+    class Meta:
+        ordering = ("pk",)
+        verbose_name = "model server"
+
+    def __str__(self) -> str:
+        return self.name or (f"local :{self.port}" if self.kind == ServerKind.LOCAL else redact_urls(self.base_url))
+
+    def clean(self) -> None:
+        if self.kind == ServerKind.LOCAL and not self.port:
+            raise ValidationError({"port": "A Local server needs its own port."})
+        if self.kind == ServerKind.EXTERNAL and not self.base_url.strip():
+            raise ValidationError({"base_url": "An External server needs its URL."})

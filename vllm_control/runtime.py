@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from vllm_control.command import build_command, server_environment
-from vllm_control.config import EffectiveConfig, LocalServerConfig
+from vllm_control.config import EffectiveConfig, Endpoint, LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.events import publish_server_status
 from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
 from vllm_control.redaction import redact_urls
-from vllm_control.status import ServerState, ServerStatus
+from vllm_control.router import probe_endpoint, router
+from vllm_control.status import EndpointStatus, ServerState, ServerStatus
 from vllm_control.supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ EXTERNAL_VERIFY_CACHE_S = 5.0
 SYNC_CALL_TIMEOUT_S = 120.0
 
 _supervisor: Supervisor | None = None
+_fleet: dict[int, Supervisor] = {}  # the extra Local servers (ModelServer rows), by port
 _loop: asyncio.AbstractEventLoop | None = None
 _registry_lock = threading.Lock()
 _external_verified: dict[tuple[str, str, str], float] = {}
@@ -50,6 +52,7 @@ def known_statuses() -> list[ServerStatus]:
     statuses = []
     if _supervisor is not None:
         statuses.append(_supervisor.status())
+    statuses.extend(supervisor.status() for supervisor in list(_fleet.values()))
     if _external_status is not None:
         statuses.append(_external_status[1])
     return statuses
@@ -73,6 +76,10 @@ def _rebind(loop: asyncio.AbstractEventLoop) -> None:
             # Its loop is gone (e.g. the previous asyncio.run ended): nothing supervises its server any more.
             old._kill_at_exit()
             _supervisor = None
+        if _fleet and (_loop is None or _loop.is_closed() or not _loop.is_running()):
+            for supervisor in _fleet.values():
+                supervisor._kill_at_exit()
+            _fleet.clear()
         _loop = loop
 
 
@@ -172,7 +179,106 @@ async def restart_local(config: EffectiveConfig) -> ServerStatus:
 
 async def shutdown() -> None:
     """Stop everything this module started (ASGI lifespan shutdown)."""
+    await router().stop()
+    await stop_fleet()
     await stop_local()
+
+
+# --- several model servers ---------------------------------------------------------------------------------
+
+
+def fleet_supervisors() -> dict[int, Supervisor]:
+    """The supervisors of the extra Local servers of this process, by port."""
+    return dict(_fleet)
+
+
+async def sync_fleet(config: EffectiveConfig, *, start: bool = True) -> None:
+    """Supervise the extra Local servers `config.endpoints` lists: each its own `vllm serve` (its port, its
+    CUDA_VISIBLE_DEVICES). Stops those no longer listed, restarts a running one whose command line or
+    environment changed, and starts the others when `start` (returns at once: the router waits for them)."""
+
+    async def go() -> None:
+        wanted = {e.local.port: e.local for e in config.endpoints[1:] if e.kind == "local" and e.local is not None}
+        for port in [port for port in _fleet if port not in wanted]:
+            await _fleet.pop(port).stop()
+        for port, local in wanted.items():
+            supervisor = _fleet.get(port)
+            if supervisor is None:
+                supervisor = _fleet[port] = Supervisor(local)
+            if supervisor.running and supervisor.owner and needs_restart(supervisor.config, local):
+                logger.info("The settings of the vLLM server on port %s changed; restarting it.", port)
+                await supervisor.restart(local)
+            elif not supervisor.running:
+                supervisor.config = local
+                if start:
+                    await supervisor.start()
+        if start and config.mode == "local":
+            main = _supervisor_for(config.local)
+            if not main.running:
+                main.config = config.local
+                await main.start()
+
+    await _on_home(go)
+
+
+async def stop_fleet() -> None:
+    if not _fleet:
+        return
+
+    async def go() -> None:
+        await asyncio.gather(*(supervisor.stop() for supervisor in list(_fleet.values())))
+
+    await _on_home(go)
+
+
+def route_endpoints(config: EffectiveConfig) -> None:
+    """Let this process's router check the endpoints (the settings page shows their health)."""
+    if len(config.endpoints) > 1:
+        router().configure(config.endpoints, model=config.served_model_name, health_interval_s=config.local.health_check_interval_s)
+        router().ensure_health_loop()
+
+
+def watch_endpoints(config: EffectiveConfig) -> None:
+    """`route_endpoints` on the home loop, from any thread (a settings change in a sync view)."""
+    loop = _loop
+    if len(config.endpoints) > 1 and _usable(loop):
+        assert loop is not None
+        loop.call_soon_threadsafe(route_endpoints, config)
+
+
+def _unchecked(endpoint: Endpoint) -> EndpointStatus:
+    return EndpointStatus(
+        key=endpoint.key, name=endpoint.name, kind=endpoint.kind, base_url=endpoint.base_url,
+        state=ServerState.STARTING, capacity=endpoint.capacity,
+        port=endpoint.local.port if endpoint.local else None,
+        cuda_visible_devices=endpoint.local.cuda_visible_devices if endpoint.local else "",
+    )
+
+
+def known_endpoint_statuses(config: EffectiveConfig) -> list[EndpointStatus]:
+    """Each endpoint of `config` as this process's router sees it (`starting`: not checked here yet)."""
+    known = {status.key: status for status in router().statuses()}
+    return [
+        known[e.key] if e.key in known and known[e.key].base_url == e.base_url else _unchecked(e) for e in config.endpoints
+    ]
+
+
+async def endpoint_statuses(config: EffectiveConfig) -> list[EndpointStatus]:
+    """Each endpoint of `config`: as this process's router sees it, else as a probe finds it now."""
+    known = {status.key: status for status in router().statuses()}
+    results = []
+    for endpoint in config.endpoints:
+        status = known.get(endpoint.key)
+        if status is not None and status.base_url == endpoint.base_url and status.state != ServerState.STARTING:
+            results.append(status)
+            continue
+        result = await probe_endpoint(endpoint, config.served_model_name)
+        status = _unchecked(endpoint)
+        status.state = ServerState.READY if result.ok else ServerState.UNHEALTHY
+        status.latency_ms, status.last_health_check = result.latency_ms, result.checked_at
+        status.last_error = None if result.ok else result.message
+        results.append(status)
+    return results
 
 
 # --- the entry points of the OCR runner ------------------------------------------------------------------------
@@ -184,6 +290,9 @@ async def ensure_ready(config: EffectiveConfig) -> None:
     Local: start the supervisor if needed (on demand) and wait for readiness; in a process that does not
     hold the port lock this waits for the other process's server. External: verify (cached briefly).
     """
+    if len(config.endpoints) > 1:  # several servers: start the Local ones; each request waits for one
+        await sync_fleet(config)
+        return
     if config.mode == "local":
 
         async def go() -> None:
@@ -320,10 +429,14 @@ async def test_candidate(config: EffectiveConfig) -> CandidateTest:
 
 
 async def apply_settings_change(old: EffectiveConfig, new: EffectiveConfig) -> None:
-    """Restart the Local server when its command line changed; stop it when the mode left Local."""
+    """Restart the Local server when its command line changed; stop it when the mode left Local. The
+    extra Local servers follow (started when a Local server runs already)."""
     _external_verified.clear()
     global _external_status
     _external_status = None
+    running = (_supervisor is not None and _supervisor.running) or any(s.running for s in _fleet.values())
+    if _fleet or running:
+        await sync_fleet(new, start=running)
     supervisor = _supervisor
     if supervisor is None:
         return
@@ -344,7 +457,7 @@ async def apply_settings_change(old: EffectiveConfig, new: EffectiveConfig) -> N
 
 def settings_changed(*, old: EffectiveConfig, new: EffectiveConfig) -> None:
     """Sync wrapper for the settings view: apply the change on the supervisor's loop."""
-    if _supervisor is None:
+    if _supervisor is None and not _fleet:
         _external_verified.clear()
         return
     try:

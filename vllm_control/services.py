@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
-from vllm_control.models import VLMSettings
+from vllm_control.models import ModelServer, VLMSettings
+
+
+def _servers() -> list[ModelServer]:
+    return list(ModelServer.objects.filter(enabled=True))
 
 
 def save_settings(*, row: VLMSettings) -> EffectiveConfig:
@@ -14,8 +18,29 @@ def save_settings(*, row: VLMSettings) -> EffectiveConfig:
 
     Raises ImproperlyConfigured (nothing saved) when the values do not resolve, e.g. a bad stop signal
     coming from the environment."""
-    before = resolve_config(VLMSettings.load())
-    after = resolve_config(row)
+    servers = _servers()
+    before = resolve_config(VLMSettings.load(), servers=servers)
+    after = resolve_config(row, servers=servers)
     row.save()
     runtime.settings_changed(old=before, new=after)
+    return after
+
+
+def save_model_server(*, server: ModelServer) -> EffectiveConfig:
+    """Save an extra model server (validated, e.g. by ModelServerForm) and apply the change: its Local
+    server is started, restarted or stopped with the others, and the routers see it at their next page."""
+    before = resolve_config()
+    server.save()
+    after = resolve_config()
+    runtime.settings_changed(old=before, new=after)
+    runtime.watch_endpoints(after)
+    return after
+
+
+def delete_model_server(*, server: ModelServer) -> EffectiveConfig:
+    before = resolve_config()
+    server.delete()
+    after = resolve_config()
+    runtime.settings_changed(old=before, new=after)
+    runtime.watch_endpoints(after)
     return after

@@ -33,3 +33,23 @@ class ServerStatus:
     server_version: str | None = None
     latency_ms: float | None = None
     supervised_here: bool = False  # this process runs the server (Local mode, holds the port lock)
+
+
+@dataclass
+class EndpointStatus:
+    """One endpoint as the router of a process sees it (vllm_control.router), or as a probe found it
+    (`in_flight`, `pages_per_s` None: no router here has sent it anything)."""
+
+    key: str  # "main" (the settings' own server) or "server-<pk>"
+    name: str
+    kind: str  # local | external
+    base_url: str
+    state: ServerState  # ready: in the rotation; unhealthy: taken out; starting: not checked yet
+    capacity: int
+    in_flight: int | None = None
+    pages_per_s: float | None = None
+    latency_ms: float | None = None  # mean time of this process's requests over the last seconds
+    last_error: str | None = None
+    last_health_check: str | None = None  # ISO 8601, UTC
+    port: int | None = None  # Local
+    cuda_visible_devices: str = ""  # Local

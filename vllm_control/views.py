@@ -6,11 +6,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
+from vllm_control import runtime
 from vllm_control.config import automatic_mode, describe_options, resolve_config
+from vllm_control.events import endpoint_payload
 from vllm_control.forms import VLMSettingsForm, layout
-from vllm_control.models import Mode, VLMSettings
+from vllm_control.models import Mode, ModelServer, VLMSettings
 from vllm_control.permissions import MANAGE_SERVER
 from vllm_control.redaction import redact_urls
+from vllm_control.server_forms import FORM_PREFIX, ModelServerForm
 from vllm_control.services import save_settings
 
 
@@ -48,5 +51,22 @@ def settings_page(request: HttpRequest) -> HttpResponse:
             "chosen_mode": chosen,
             "automatic_mode": automatic,
             "vllm_bin": vllm_bin,
+            **model_servers_context(),
         },
     )
+
+
+def model_servers_context() -> dict:
+    """What `_model_servers.html` shows: every endpoint's status (as this process's router sees it) and
+    the extra servers, with the form to add one."""
+    config = resolve_config()
+    return {
+        "endpoints": [endpoint_payload(status) for status in runtime.known_endpoint_statuses(config)],
+        "model_servers": [
+            {"pk": server.pk, "label": redact_urls(str(server)), "kind": server.get_kind_display(),
+             "where": f":{server.port}" if server.kind == "local" else redact_urls(server.base_url),
+             "gpus": server.cuda_visible_devices, "capacity": server.capacity, "enabled": server.enabled}
+            for server in ModelServer.objects.all()
+        ],
+        "server_form": ModelServerForm(prefix=FORM_PREFIX),
+    }

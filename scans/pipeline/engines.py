@@ -6,9 +6,11 @@ from __future__ import annotations
 from scans.pipeline.builtin import BUILTIN, CPU_ENGINES, build_cpu_engine, resolve_cpu_engine
 from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig, ScanOptions
+from scans.pipeline.routed_engine import RoutedEngine
 from scans.pipeline.types import Engine
 from scans.pipeline.vllm_engine import VLLMEngine
 from vllm_control.config import EffectiveConfig
+from vllm_control.router import Router, router
 
 VLLM = "vllm"
 # What a scan's `engine` option may say: an engine, or "builtin" for the configured CPU engine.
@@ -40,6 +42,14 @@ def reads_on_cpu(options: ScanOptions, *, mode: str) -> bool:
         return False
 
 
+def fleet_wait_s(config: EffectiveConfig, ocr: OCRConfig) -> float:
+    """How long a request waits for some model server to be in the rotation: as long as a Local server
+    may take to start, else the request timeout."""
+    if any(endpoint.kind == "local" for endpoint in config.endpoints):
+        return float(config.local.start_timeout_s + config.local.restart_delay_s + 5)
+    return float(ocr.request_timeout_s)
+
+
 def build_engine(
     config: EffectiveConfig,
     ocr: OCRConfig,
@@ -56,6 +66,20 @@ def build_engine(
     name = engine_name(ScanOptions(engine=engine, base_url=base_url), mode=config.mode, cpu_engine=ocr.cpu_engine)
     if name in CPU_ENGINES:
         return build_cpu_engine(name, language=ocr.language)
+    if not base_url and len(config.endpoints) > 1:  # several model servers: each request is routed
+        served = model or config.served_model_name
+        return RoutedEngine(
+            config.endpoints,
+            served,
+            # The process's router (its figures are what the settings page shows) checks that the endpoints
+            # serve the configured model; a scan asking for another model gets a router of its own.
+            router=router() if served == config.served_model_name else Router(),
+            owns_router=served != config.served_model_name,
+            timeout_s=ocr.request_timeout_s,
+            max_in_flight=max_in_flight or ocr.max_in_flight,
+            wait_s=fleet_wait_s(config, ocr),
+            health_interval_s=config.local.health_check_interval_s,
+        )
     url = base_url or config.base_url
     if not url:
         raise PermanentEngineError("No vLLM server URL is configured: set one in the settings or pass --base-url.")

@@ -15,12 +15,17 @@ class EngineError(Exception):
 
 class TransientEngineError(EngineError):
     """Connection refused/reset, timeout, 429, 5xx: the same request may well succeed later.
-    Retry with backoff, waiting at least `retry_after` seconds when the server said so."""
+    Retry with backoff, waiting at least `retry_after` seconds when the server said so.
+    `connection_lost`: the connection failed or broke before an answer (refused, reset, the server died
+    mid-request): with several model servers the request goes to another one, not counted as an attempt."""
 
-    def __init__(self, message: str, *, retry_after: float | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None, connection_lost: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.status = status
+        self.connection_lost = connection_lost
 
 
 class AnsweredError(EngineError):

@@ -243,10 +243,13 @@ class VLLMEngine:
                 f"The server at {self.shown_url} did not answer within {self.timeout_s:g} s."
             ) from None
         except httpx.ConnectError as error:
-            raise TransientEngineError(f"Cannot connect to {self.shown_url}: {redact_urls(str(error)) or 'connection refused'}.") from None
+            raise TransientEngineError(
+                f"Cannot connect to {self.shown_url}: {redact_urls(str(error)) or 'connection refused'}.", connection_lost=True
+            ) from None
         except httpx.TransportError as error:
             raise TransientEngineError(
-                f"The connection to {self.shown_url} failed: {redact_urls(str(error)) or type(error).__name__}."
+                f"The connection to {self.shown_url} failed: {redact_urls(str(error)) or type(error).__name__}.",
+                connection_lost=True,
             ) from None
 
     def _status_line(self, response: httpx.Response) -> str:

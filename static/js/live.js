@@ -329,6 +329,7 @@
     if (document.getElementById("server-indicator") || document.getElementById("server-status")) {
       connect("server", "/ws/server/", (payload) => {
         if (payload.type === "server.snapshot" || payload.type === "server.status") applyServerStatus(payload.status);
+        else if (payload.type === "server.endpoints") document.dispatchEvent(new CustomEvent("server-endpoints", { detail: payload.endpoints }));
       });
     }
     const scan = document.getElementById("scan");

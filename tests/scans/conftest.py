@@ -46,8 +46,8 @@ def use_external(base_url: str, **ocr) -> None:
 def fake(tmp_path, transactional_db):
     servers: list[FakeServer] = []
 
-    def start(**env) -> FakeServer:
-        server = start_fake_vllm(tmp_path, env={k: str(v) for k, v in env.items()})
+    def start(port: int | None = None, **env) -> FakeServer:
+        server = start_fake_vllm(tmp_path, env={k: str(v) for k, v in env.items()}, port=port)
         servers.append(server)
         return server
 

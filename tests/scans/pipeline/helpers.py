@@ -63,10 +63,14 @@ class FakeServer:
 
 
 def start_fake_vllm(
-    tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None, wait: bool = True
+    tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None, wait: bool = True,
+    port: int | None = None,
 ) -> FakeServer:
-    port = free_port()
+    """The double on a free port (or on `port`, e.g. where a killed one served: its requests are counted anew)."""
+    port = port or free_port()
     state_dir = tmp_path / f"fake-vllm-{port}"
+    if state_dir.exists():
+        state_dir = tmp_path / f"fake-vllm-{port}-{len(list(tmp_path.glob(f'fake-vllm-{port}*')))}"
     state_dir.mkdir()
     process_env = {**os.environ, "FAKE_VLLM_STARTUP_DELAY": "0.3", "FAKE_VLLM_STATE_DIR": str(state_dir), **(env or {})}
     process = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""`manage.py vllm_status [--json]`: the configured model server's status; exit 0 only when it is ready."""
+"""`manage.py vllm_status [--json]`: the configured model server's status, and with several model servers
+each endpoint's; exit 0 only when it is ready (with several: when at least one endpoint is)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import sys
 from django.core.management.base import BaseCommand
 
 from vllm_control import runtime
-from vllm_control.config import resolve_config
-from vllm_control.events import status_payload
-from vllm_control.status import ServerState
+from vllm_control.config import EffectiveConfig, resolve_config
+from vllm_control.events import endpoint_payload, status_payload
+from vllm_control.status import EndpointStatus, ServerState, ServerStatus
+
+
+async def _statuses(config: EffectiveConfig) -> tuple[ServerStatus, list[EndpointStatus]]:
+    status = await runtime.current_status(config, fresh=True)
+    endpoints = await runtime.endpoint_statuses(config) if len(config.endpoints) > 1 else []
+    return status, endpoints
 
 
 class Command(BaseCommand):
@@ -22,12 +29,13 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         config = resolve_config()
-        status = asyncio.run(runtime.current_status(config, fresh=True))
+        status, endpoints = asyncio.run(_statuses(config))
         # The operator at the console has the database and its secrets: the detailed variant, URL
         # credentials hidden all the same (terminals get logged and pasted).
         shown = status_payload(status, detailed=True)
+        shown_endpoints = [endpoint_payload(endpoint) for endpoint in endpoints]
         if options["json"]:
-            self.stdout.write(json.dumps(shown))
+            self.stdout.write(json.dumps({**shown, "endpoints": shown_endpoints}))
         else:
             self.stdout.write(f"mode: {status.mode}\nstate: {status.state}\nmodel: {status.model}")
             for label, value in (
@@ -40,5 +48,11 @@ class Command(BaseCommand):
             ):
                 if value:
                     self.stdout.write(f"{label}: {value}")
-        if status.state != ServerState.READY:
+            for endpoint in shown_endpoints:
+                error = f" — {endpoint['last_error']}" if endpoint["last_error"] else ""
+                self.stdout.write(
+                    f"endpoint {endpoint['name']} ({endpoint['kind']}, capacity {endpoint['capacity']}): {endpoint['state']}{error}"
+                )
+        ready = status.state == ServerState.READY or any(e.state == ServerState.READY for e in endpoints)
+        if not ready:
             sys.exit(1)

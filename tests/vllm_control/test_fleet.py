@@ -1,0 +1,161 @@
+"""Several model servers in vllm_control: each extra Local server its own `vllm serve` (own port, own
+CUDA_VISIBLE_DEVICES) under its own supervisor; the endpoints in `vllm_status --json` and on the settings
+page, with their API keys never shown."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import psutil
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import call_command
+
+from tests.vllm_control.conftest import MODEL, make_local_config
+from vllm_control import runtime
+from vllm_control.command import server_environment
+from vllm_control.config import resolve_config
+from vllm_control.models import ModelServer, VLMSettings
+from vllm_control.status import ServerState
+
+pytestmark = [pytest.mark.timeout(90)]
+
+
+def test_a_local_servers_environment_names_its_gpus():
+    config = make_local_config(8001, cuda_visible_devices="2,3")
+    assert server_environment(config, {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert server_environment(make_local_config(8000), {"CUDA_VISIBLE_DEVICES": "0"})["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+@pytest.mark.django_db
+def test_the_endpoints_are_the_settings_server_then_the_enabled_extra_servers():
+    row = VLMSettings.load()
+    row.mode, row.port, row.max_in_flight = "local", 8000, 12
+    row.save()
+    ModelServer.objects.create(kind="local", port=8001, cuda_visible_devices="1", capacity=8)
+    ModelServer.objects.create(kind="external", base_url="http://gpu2:8000", api_key="sk-x", capacity=4)
+    ModelServer.objects.create(kind="external", base_url="http://off:8000", enabled=False)
+    config = resolve_config(environ={})
+    main, local, external = config.endpoints
+    assert (main.key, main.kind, main.capacity, main.local.port) == ("main", "local", 12, 8000)
+    assert (local.kind, local.base_url, local.capacity) == ("local", "http://127.0.0.1:8001/v1", 8)
+    assert (local.local.port, local.local.cuda_visible_devices, local.local.model) == (8001, "1", config.local.model)
+    assert (external.base_url, external.api_key, external.local) == ("http://gpu2:8000/v1", "sk-x", None)
+    assert config.capacity == 24
+    assert "sk-x" not in repr(config.endpoints)
+    builtin = VLMSettings.load()
+    builtin.mode = "builtin"
+    assert resolve_config(builtin, environ={}, servers=ModelServer.objects.all()).endpoints == ()
+
+
+@pytest.fixture
+def clean_fleet(settings, tmp_path, test_marker):
+    settings.DATA_DIR = tmp_path
+    yield
+    for supervisor in [runtime.get_supervisor(), *runtime.fleet_supervisors().values()]:
+        if supervisor is not None:
+            supervisor._kill_at_exit()
+    runtime._supervisor = None
+    runtime._fleet.clear()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_two_local_servers_run_each_on_its_port_with_its_gpus(clean_fleet, port, monkeypatch):
+    from tests.support import free_port
+
+    second_port = free_port()
+    monkeypatch.setenv("VLLM_BIN", str(make_local_config(port).vllm_bin))
+
+    def configure():
+        row = VLMSettings.load()
+        row.mode, row.port, row.host, row.stop_grace_ms, row.health_check_interval_s = "local", port, "127.0.0.1", 1000, 1
+        row.served_model_name = MODEL
+        row.save()
+        ModelServer.objects.create(kind="local", port=second_port, cuda_visible_devices="1", capacity=4)
+        return resolve_config()
+
+    config = await sync_to_async(configure)()
+    await runtime.ensure_ready(config)  # several servers: starts them all, waits for none
+    main = runtime.get_supervisor()
+    (second,) = runtime.fleet_supervisors().values()
+    await main.wait_ready(30)
+    await second.wait_ready(30)
+
+    assert (main.config.port, second.config.port) == (port, second_port)
+    assert psutil.Process(second.status().pid).environ().get("CUDA_VISIBLE_DEVICES") == "1"
+    assert psutil.Process(main.status().pid).environ().get("CUDA_VISIBLE_DEVICES") != "1"
+    assert {s.port for s in runtime.known_statuses() if s.mode == "local"} == {port, second_port}
+
+    statuses = await runtime.endpoint_statuses(config)
+    assert [(s.port, s.state, s.cuda_visible_devices) for s in statuses] == [
+        (port, ServerState.READY, ""), (second_port, ServerState.READY, "1"),
+    ]
+
+    # Removed from the settings: its server stops.
+    await sync_to_async(ModelServer.objects.all().delete)()
+    await runtime.sync_fleet(await sync_to_async(resolve_config)())
+    assert runtime.fleet_supervisors() == {} and second.state == ServerState.STOPPED
+    await runtime.shutdown()
+
+
+@pytest.mark.django_db
+def test_vllm_status_json_lists_every_endpoint_without_secrets(fake_server, port):
+    from tests.support import free_port
+
+    fake_server(port, "--api-key", "sk-main-secret")
+    second = fake_server(free_port(), "--api-key", "sk-second-secret")
+    row = VLMSettings.load()
+    row.mode, row.external_base_url, row.external_api_key, row.served_model_name = (
+        "external", f"http://127.0.0.1:{port}", "sk-main-secret", MODEL,
+    )
+    row.save()
+    ModelServer.objects.create(kind="external", base_url=f"http://127.0.0.1:{second}", api_key="sk-second-secret", capacity=4)
+    ModelServer.objects.create(kind="external", base_url="http://127.0.0.1:9", capacity=2, name="gone")
+
+    out = io.StringIO()
+    call_command("vllm_status", "--json", stdout=out)  # exit code 0 (no SystemExit): an endpoint is ready
+    shown = json.loads(out.getvalue())
+    assert shown["state"] == "ready"
+    endpoints = shown["endpoints"]
+    assert [(e["key"].startswith(("main", "server-")), e["state"], e["capacity"]) for e in endpoints] == [
+        (True, "ready", 16), (True, "ready", 4), (True, "unhealthy", 2),
+    ]
+    assert endpoints[1]["base_url"] == f"http://127.0.0.1:{second}/v1"
+    assert endpoints[2]["name"] == "gone" and endpoints[2]["last_error"]
+    text = out.getvalue()
+    assert "sk-main-secret" not in text and "sk-second-secret" not in text
+
+
+@pytest.mark.django_db
+def test_the_settings_page_lists_the_servers_and_never_renders_their_keys(staff_client):
+    row = VLMSettings.load()
+    row.mode, row.external_base_url = "external", "http://gpu1:8000/v1"
+    row.save()
+    response = staff_client.post(
+        "/settings/servers/add/",
+        {"server-kind": "external", "server-base_url": "http://user:pw@gpu2:8000", "server-api_key": "sk-ADDED-SECRET", "server-capacity": "8",
+         "server-enabled": "on", "server-name": ""},
+        follow=True,
+    )
+    assert response.status_code == 200
+    page = response.content.decode()
+    server = ModelServer.objects.get()
+    assert (server.base_url, server.api_key, server.capacity) == ("http://user:pw@gpu2:8000/v1", "sk-ADDED-SECRET", 8)
+    assert 'id="endpoint-table"' in page and 'data-endpoint="main"' in page and f'data-endpoint="server-{server.pk}"' in page
+    assert "http://***@gpu2:8000/v1" in page
+    assert "sk-ADDED-SECRET" not in page and "user:pw" not in page
+
+    edit = staff_client.get(f"/settings/servers/{server.pk}/").content.decode()
+    assert "sk-ADDED-SECRET" not in edit and "user:pw" not in edit and "Saved; leave blank to keep it." in edit
+    staff_client.post(f"/settings/servers/{server.pk}/", {
+        "server-kind": "external", "server-base_url": "http://***@gpu2:8000/v1", "server-api_key": "", "server-capacity": "6",
+        "server-enabled": "on", "server-name": "second",
+    })
+    server.refresh_from_db()
+    assert (server.base_url, server.api_key, server.capacity, server.name) == ("http://user:pw@gpu2:8000/v1", "sk-ADDED-SECRET", 6, "second")
+
+    local = staff_client.post("/settings/servers/add/", {"server-kind": "local", "server-capacity": "4", "server-enabled": "on"})
+    assert "A Local server needs its own port." in local.content.decode()
+    staff_client.post(f"/settings/servers/{server.pk}/delete/")
+    assert not ModelServer.objects.exists()
