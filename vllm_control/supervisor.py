@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -42,6 +44,7 @@ from vllm_control.events import publish_server_status
 from vllm_control.external import probe
 from vllm_control.processes import GroupRecord, await_group_gone, group_members, signal_group
 from vllm_control.startup_errors import classify, not_found
+from vllm_control.startup_phases import StartupPhase, label, phase_of
 from vllm_control.status import ServerState, ServerStatus
 
 logger = logging.getLogger(__name__)
@@ -96,6 +99,16 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def read_shared_state(data_dir: Path, port: int) -> dict | None:
+    """What the process supervising `port` last recorded (Supervisor.state_file), if it still runs."""
+    try:
+        data = json.loads((Path(data_dir) / f"vllm-{port}.state.json").read_text())
+        os.kill(int(data["supervisor_pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 # --- the supervisor ---------------------------------------------------------------------------------------
 
 
@@ -107,8 +120,10 @@ class Supervisor:
         data_dir: Path | None = None,
         stable_run_s: float = STABLE_RUN_S,
         health_failures: int = HEALTH_FAILURES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._clock = clock  # every duration the supervisor judges (start timeout, phases); tests inject one
         self.data_dir = Path(data_dir or settings.DATA_DIR)
         self.stable_run_s = stable_run_s
         self.health_failures = health_failures
@@ -121,6 +136,9 @@ class Supervisor:
         self.served_models: list[str] = []
         self.server_version: str | None = None
         self.latency_ms: float | None = None
+        self.phase: StartupPhase | None = None  # vLLM's start-up phase (this process's run only)
+        self._phase_since: float | None = None  # self._clock() when it began
+        self._phase_started_at: datetime | None = None
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._run_lines: deque[str] = deque(maxlen=2 * LOG_TAIL_LINES)
         self._listeners: list[Callable[[ServerStatus], None]] = []
@@ -149,6 +167,11 @@ class Supervisor:
         return self.data_dir / f"vllm-{self.config.port}.lock"
 
     @property
+    def state_file(self) -> Path:
+        """What the owner last published (state, start-up phase, idle), for other processes' status."""
+        return self.data_dir / f"vllm-{self.config.port}.state.json"
+
+    @property
     def connect_host(self) -> str:
         return urlsplit(self.config.base_url).hostname or "127.0.0.1"
 
@@ -168,7 +191,7 @@ class Supervisor:
             port=self.config.port,
             pid=vllm.pid if alive and vllm is not None else None,
             restart_count=self.restart_count,
-            uptime_s=round(time.monotonic() - self._spawned_at, 1) if alive and self._spawned_at else None,
+            uptime_s=round(self._clock() - self._spawned_at, 1) if alive and self._spawned_at else None,
             last_health_check=self.last_health_check,
             last_error=self.last_error,
             log_tail=list(self.log_tail),
@@ -176,7 +199,32 @@ class Supervisor:
             server_version=self.server_version,
             latency_ms=self.latency_ms,
             supervised_here=self.owner,
+            phase=str(self.phase) if self.phase else None,
+            phase_label=label(self.phase),
+            phase_started_at=self._phase_started_at.isoformat() if self._phase_started_at else None,
+            phase_elapsed_s=round(self.phase_elapsed_s, 1) if self.phase_elapsed_s is not None else None,
         )
+
+    @property
+    def phase_elapsed_s(self) -> float | None:
+        return self._clock() - self._phase_since if self._phase_since is not None else None
+
+    def _enter_phase(self, phase: StartupPhase | None) -> None:
+        if phase == self.phase:
+            return
+        self.phase = phase
+        self._phase_since = self._clock() if phase else None
+        self._phase_started_at = datetime.now(UTC) if phase else None
+        if phase:
+            logger.info("vLLM server on port %s: %s", self.config.port, label(phase))
+        self._changed()
+
+    def _phase_detail(self) -> str:
+        """"; it was in phase 'capturing CUDA graphs' for 95 s" (empty before vLLM printed anything)."""
+        elapsed = self.phase_elapsed_s
+        if self.phase is None or elapsed is None:
+            return ""
+        return f"; it was in phase '{label(self.phase)}' for {elapsed:.0f} s"
 
     def add_listener(self, callback: Callable[[ServerStatus], None]) -> None:
         self._listeners.append(callback)
@@ -199,6 +247,7 @@ class Supervisor:
             except Exception:
                 logger.exception("vLLM status listener failed")
         self._publish(status)
+        self._write_state_file(status)
         self._change.set()
         self._change = asyncio.Event()
 
@@ -206,6 +255,21 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(publish_server_status(status))
         self._background.add(task)
         task.add_done_callback(self._publish_done)
+
+    def _write_state_file(self, status: ServerStatus) -> None:
+        """The owner's status for `vllm_status` and the ocrsite processes that only observe this port."""
+        if not self.owner:
+            return
+        data = {
+            "state": str(status.state), "phase": status.phase, "phase_started_at": status.phase_started_at,
+            "idle": status.idle, "last_error": status.last_error, "supervisor_pid": os.getpid(),
+        }
+        try:
+            temporary = self.state_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(data))
+            temporary.replace(self.state_file)
+        except OSError as exc:
+            logger.warning("Could not record the vLLM status in %s: %s", self.state_file, exc)
 
     def _publish_done(self, task: asyncio.Task) -> None:
         self._background.discard(task)
@@ -279,7 +343,9 @@ class Supervisor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 detail = f" Last error: {self.last_error}" if self.last_error else ""
-                raise ModelServerUnavailable(f"The vLLM server did not become ready within {timeout:g} s.{detail}")
+                raise ModelServerUnavailable(
+                    f"The vLLM server did not become ready within {timeout:g} s{self._phase_detail()}.{detail}"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._change.wait(), remaining)
 
@@ -339,7 +405,8 @@ class Supervisor:
             return RunEnd(not_found(self.config.vllm_bin).message, retryable=False)
         end = await self._wait_for_readiness(vllm)
         if end is None:
-            self._ready_since = time.monotonic()
+            self._ready_since = self._clock()
+            self.phase, self._phase_since, self._phase_started_at = None, None, None
             self._set_state(ServerState.READY, error=None)
             end = await self._monitor(vllm)
         await self._terminate(graceful=vllm.process.returncode is None)
@@ -358,21 +425,25 @@ class Supervisor:
             record=self.pgid_file,
             output_limit=1 << 20,
         )
-        self._vllm, self._spawned_at = vllm, time.monotonic()
+        self._vllm, self._spawned_at = vllm, self._clock()
         self._exit_task = asyncio.create_task(_exited(vllm.process))
         self._reader_task = asyncio.create_task(self._read_output(vllm))
-        self._changed()
+        self.phase = None
+        self._enter_phase(StartupPhase.LAUNCHING)  # publishes the new process
         return vllm
 
     async def _wait_for_readiness(self, vllm: watchdog.Supervised) -> RunEnd | None:
-        deadline = time.monotonic() + self.config.start_timeout_s
+        deadline = self._clock() + self.config.start_timeout_s
         assert self._exit_task is not None
         while True:
             await asyncio.wait({self._exit_task}, timeout=READINESS_POLL_S)
             if self._exit_task.done():
                 return await self._startup_failure(vllm)
-            if time.monotonic() >= deadline:
-                return RunEnd(f"vLLM did not become ready within {self.config.start_timeout_s} s.", retryable=True)
+            if self._clock() >= deadline:
+                return RunEnd(
+                    f"vLLM did not become ready within {self.config.start_timeout_s} s{self._phase_detail()}.",
+                    retryable=True,
+                )
             result = await self._probe(timeout=2.0, fetch_version=True)
             if result.ok:
                 return None
@@ -395,7 +466,7 @@ class Supervisor:
                 await asyncio.wait({self._exit_task, woken}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
-            ready_for = time.monotonic() - (self._ready_since or time.monotonic())
+            ready_for = self._clock() - (self._ready_since or self._clock())
             if self._exit_task.done():
                 reason = f"vLLM (pid {vllm.pid}) exited with code {vllm.process.returncode}."
                 self._set_state(ServerState.UNHEALTHY, error=reason)
@@ -473,7 +544,10 @@ class Supervisor:
             vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
-            self._publish_log_soon()
+            if self._ready_since is None and vllm is self._vllm and (phase := phase_of(line)) is not None:
+                self._enter_phase(phase)  # publishes at once: phases are few, and people wait for them
+            else:
+                self._publish_log_soon()
 
     def _redact(self, line: str) -> str:
         """Some vLLM versions log their arguments, API key included; the log tail reaches the browser."""
@@ -512,6 +586,7 @@ class Supervisor:
         self._vllm = None
         self._spawned_at = None
         self._ready_since = None
+        self.phase, self._phase_since, self._phase_started_at = None, None, None
         with contextlib.suppress(FileNotFoundError):
             self.pgid_file.unlink()
         self._changed()
@@ -567,6 +642,7 @@ class Supervisor:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
+            self.state_file.unlink(missing_ok=True)  # no longer this process's to report
             os.close(self._lock_fd)
             self._lock_fd = None
         self.owner = False
