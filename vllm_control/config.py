@@ -49,6 +49,8 @@ class LocalServerConfig:
     data_parallel_size: int | None
     autostart: bool
     hf_token: str
+    # Stop the server after this long without requests (None: never); the next page that needs it starts it.
+    idle_timeout_s: float | None = None
 
     @property
     def vllm_bin_found(self) -> bool:
@@ -110,6 +112,13 @@ def _int(raw: str, name: str) -> int:
         raise ImproperlyConfigured(f"{name}={raw!r} is not a whole number.") from None
 
 
+def _idle_timeout_s(minutes: str) -> float | None:
+    value = _int(minutes, "VLLM_IDLE_TIMEOUT_MIN")
+    if value < 0:
+        raise ImproperlyConfigured(f"VLLM_IDLE_TIMEOUT_MIN={minutes!r} must be 0 (never) or a number of minutes.")
+    return value * 60.0 if value else None
+
+
 def _local_base_url(protocol: str, host: str, port: int) -> str:
     connect_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     if ":" in connect_host and not connect_host.startswith("["):
@@ -128,6 +137,7 @@ def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) 
         ("serve_args", "VLLM_SERVE_ARGS", ""),
         ("stop_signal", "VLLM_STOP_SIGNAL", "SIGTERM"),
         ("stop_grace_ms", "VLLM_STOP_GRACE_MS", str(DEFAULT_STOP_GRACE_MS)),
+        ("idle_timeout_min", "VLLM_IDLE_TIMEOUT_MIN", "0"),
     ):
         value, source = _pick(getattr(row, field), env_var, environ, default)
         rows.append(OptionRow(field, env_var, value, source))
@@ -165,6 +175,7 @@ def resolve_config(row: VLMSettings | None = None, environ: Mapping[str, str] = 
         data_parallel_size=row.data_parallel_size,
         autostart=row.autostart,
         hf_token=row.hf_token,
+        idle_timeout_s=_idle_timeout_s(options["idle_timeout_min"]),
     )
     external_base_url = normalize_base_url(row.external_base_url)
     mode_is_automatic = not row.mode

@@ -316,10 +316,10 @@ async def apply_settings_change(old: EffectiveConfig, new: EffectiveConfig) -> N
             if supervisor.running or supervisor.state != ServerState.STOPPED:
                 logger.info("The mode left Local; stopping the vLLM server.")
                 await supervisor.stop()
-        elif supervisor.running and needs_restart(supervisor.config, new.local):
+        elif supervisor.running and not supervisor.idle and needs_restart(supervisor.config, new.local):
             logger.info("The vLLM settings changed; restarting the server.")
             await supervisor.restart(new.local)
-        else:
+        else:  # an idle-stopped server starts with the new settings when a page needs it
             supervisor.config = new.local
 
     await _on_home(go)

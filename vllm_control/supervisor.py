@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -34,9 +35,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from vllm_control import watchdog
+from vllm_control import demand, watchdog
 from vllm_control.command import build_command, redact, server_environment
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
@@ -52,9 +54,11 @@ vllm_logger = logging.getLogger("vllm_control.vllm")
 
 S = ServerState
 TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
+    # STOPPED -> STARTING: start(), or, stopped by the idle timeout (`idle`), a page that needs the server.
     S.STOPPED: frozenset({S.STARTING}),
     # STARTING -> STARTING: the next attempt after a start-up failure.
     S.STARTING: frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.FAILED, S.STOPPING}),
+    # READY -> STOPPING: stop(), or the idle timeout (then STOPPED with `idle`, still supervised).
     S.READY: frozenset({S.UNHEALTHY, S.STOPPING}),
     # UNHEALTHY -> STARTING: restart after a crash or a hang.
     S.UNHEALTHY: frozenset({S.UNHEALTHY, S.READY, S.STARTING, S.FAILED, S.STOPPING}),
@@ -62,10 +66,15 @@ TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
 }
 
+# A request vLLM served or is serving, from its log: uvicorn's access line for an API call (not the
+# supervisor's own GETs of /health and /v1/models), or the engine's statistics with requests running.
+_REQUEST_LINE = re.compile(r'"POST /v1/|Running: [1-9]\d* reqs')
+
 LOG_TAIL_LINES = 200
 STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart count
 HEALTH_FAILURES = 3  # consecutive failed health checks that count as a hang
 READINESS_POLL_S = 0.5
+IDLE_POLL_S = 1.0  # how often an idle-stopped server asks the database whether pages wait for it
 GROUP_EXIT_WAIT_S = 10.0
 
 
@@ -83,6 +92,7 @@ class RunEnd:
     reason: str
     retryable: bool
     ready_for_s: float = 0.0
+    idle: bool = False  # the idle timeout: stopped on purpose, started again when a page needs it
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -136,6 +146,9 @@ class Supervisor:
         self.served_models: list[str] = []
         self.server_version: str | None = None
         self.latency_ms: float | None = None
+        self.idle = False  # STOPPED by the idle timeout, waiting for a page that needs the server
+        self._last_request: float | None = None  # self._clock() of the last sign of a request
+        self._wake = asyncio.Event()  # a page in this process needs the idle-stopped server
         self.phase: StartupPhase | None = None  # vLLM's start-up phase (this process's run only)
         self._phase_since: float | None = None  # self._clock() when it began
         self._phase_started_at: datetime | None = None
@@ -203,6 +216,7 @@ class Supervisor:
             phase_label=label(self.phase),
             phase_started_at=self._phase_started_at.isoformat() if self._phase_started_at else None,
             phase_elapsed_s=round(self.phase_elapsed_s, 1) if self.phase_elapsed_s is not None else None,
+            idle=self.idle,
         )
 
     @property
@@ -229,12 +243,16 @@ class Supervisor:
     def add_listener(self, callback: Callable[[ServerStatus], None]) -> None:
         self._listeners.append(callback)
 
-    def _set_state(self, new: ServerState, *, error: object = _KEEP) -> None:
+    def _set_state(self, new: ServerState, *, error: object = _KEEP, idle: bool = False) -> None:
+        """`idle` only with STOPPED: stopped by the idle timeout; any other change clears it."""
         if new not in TRANSITIONS[self.state] and new != self.state:
             raise InvalidTransition(f"{self.state} -> {new}")
-        if new != self.state:
-            logger.info("vLLM server on port %s: %s -> %s", self.config.port, self.state, new)
+        if idle and new != ServerState.STOPPED:
+            raise InvalidTransition(f"{new} cannot be idle")
+        if new != self.state or idle != self.idle:
+            logger.info("vLLM server on port %s: %s -> %s%s", self.config.port, self.state, new, " (idle)" if idle else "")
         self.state = new
+        self.idle = idle
         if error is not _KEEP:
             self.last_error = error  # type: ignore[assignment]
         self._changed()
@@ -296,6 +314,8 @@ class Supervisor:
             self._control = asyncio.Lock()
         async with self._control:
             if self.running:
+                if self.idle:
+                    self.wake()
                 return
             if self.state == ServerState.FAILED:
                 self.restart_count = 0
@@ -318,8 +338,8 @@ class Supervisor:
             if self._vllm is not None:
                 await self._terminate(graceful=True)
             self._release_lock()
-            if self.state != ServerState.STOPPED:
-                self._set_state(ServerState.STOPPED)
+            if self.state != ServerState.STOPPED or self.idle:
+                self._set_state(ServerState.STOPPED)  # stopped by a person: no longer idle
 
     async def restart(self, config: LocalServerConfig | None = None) -> None:
         await self.stop()
@@ -332,13 +352,19 @@ class Supervisor:
         """Run a health check at once (a request to the server just failed)."""
         self._check_now.set()
 
+    def wake(self) -> None:
+        """A page in this process needs the server: start it now if the idle timeout stopped it."""
+        self._wake.set()
+
     async def wait_ready(self, timeout: float) -> ServerStatus:
         """Wait for READY; raise ModelServerUnavailable when it failed, was stopped or took too long."""
         deadline = time.monotonic() + timeout
         while True:
             if self.state == ServerState.READY:
                 return self.status()
-            if self.state in (ServerState.FAILED, ServerState.STOPPED):
+            if self.state == ServerState.STOPPED and self.idle and self.running:
+                self.wake()  # the caller needs the server: start it again, and wait for it
+            elif self.state in (ServerState.FAILED, ServerState.STOPPED):
                 raise ModelServerUnavailable(self.last_error or f"The vLLM server is {self.state}.")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -357,6 +383,11 @@ class Supervisor:
                     await self._observe()
                     continue
                 end = await self._run_once()
+                if end.idle:
+                    self._set_state(ServerState.STOPPED, error=None, idle=True)
+                    await self._until_needed()
+                    self._set_state(ServerState.STARTING)
+                    continue
                 if end.ready_for_s >= self.stable_run_s:
                     self.restart_count = 0
                 if not end.retryable:
@@ -405,10 +436,13 @@ class Supervisor:
             return RunEnd(not_found(self.config.vllm_bin).message, retryable=False)
         end = await self._wait_for_readiness(vllm)
         if end is None:
-            self._ready_since = self._clock()
+            self._ready_since = self._last_request = self._clock()
             self.phase, self._phase_since, self._phase_started_at = None, None, None
             self._set_state(ServerState.READY, error=None)
             end = await self._monitor(vllm)
+        if end.idle:
+            logger.info("%s", end.reason)
+            self._set_state(ServerState.STOPPING)
         await self._terminate(graceful=vllm.process.returncode is None)
         return end
 
@@ -482,6 +516,12 @@ class Supervisor:
                     self.restart_count = 0
                 if self.state != ServerState.READY:
                     self._set_state(ServerState.READY, error=None)
+                if (idle_for := await self._idle_for()) is not None:
+                    return RunEnd(
+                        f"vLLM on port {self.config.port} had no request for {idle_for:.0f} s (the idle timeout is "
+                        f"{self.config.idle_timeout_s:g} s); stopping it until a page needs it.",
+                        retryable=True, ready_for_s=ready_for, idle=True,
+                    )
                 continue
             failures += 1
             self._set_state(
@@ -494,6 +534,40 @@ class Supervisor:
                     retryable=True,
                     ready_for_s=ready_for,
                 )
+
+    # --- the idle timeout ------------------------------------------------------------------------------------
+    async def _pages_waiting(self) -> int | None:
+        return await sync_to_async(demand.pages_waiting)()
+
+    async def _idle_for(self) -> float | None:
+        """How long the server has had no request, once that reaches the idle timeout (None: not idle).
+
+        A request is a page waiting for the server in the database (queued, or being read by any runner
+        process), or one vLLM logged (its access log, its "Running: N reqs" statistics): another client's
+        too. Unknown (the database could not say) counts as busy."""
+        timeout = self.config.idle_timeout_s
+        if not timeout:
+            return None
+        waiting = await self._pages_waiting()
+        now = self._clock()
+        if waiting is None or waiting > 0 or self._last_request is None:
+            self._last_request = now
+        idle_for = now - self._last_request
+        return idle_for if idle_for >= timeout else None
+
+    async def _until_needed(self) -> None:
+        """Stopped by the idle timeout: wait until a page needs the server (the database says so, for the
+        runners of every process) or this process asks for it (`wake`)."""
+        while True:
+            self._wake.clear()
+            waiting = await self._pages_waiting()
+            if waiting:
+                logger.info("%d page(s) wait for the model server on port %s; starting it.", waiting, self.config.port)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            if self._wake.is_set():
+                return
 
     async def _observe(self) -> None:
         """Another process supervises this port: follow its server over HTTP until the lock frees."""
@@ -544,6 +618,8 @@ class Supervisor:
             vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
+            if self._ready_since is not None and _REQUEST_LINE.search(line):
+                self._last_request = self._clock()
             if self._ready_since is None and vllm is self._vllm and (phase := phase_of(line)) is not None:
                 self._enter_phase(phase)  # publishes at once: phases are few, and people wait for them
             else:

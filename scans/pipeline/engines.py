@@ -40,6 +40,16 @@ def reads_on_cpu(options: ScanOptions, *, mode: str) -> bool:
         return False
 
 
+def reads_with_configured_server(options: ScanOptions, *, mode: str) -> bool:
+    """Whether the configured model server (Local or External) reads the scan: vLLM, and no server of its own."""
+    if options.base_url or mode == "builtin":
+        return False
+    try:
+        return engine_name(options, mode=mode) == VLLM
+    except PermanentEngineError:
+        return False
+
+
 def build_engine(
     config: EffectiveConfig,
     ocr: OCRConfig,

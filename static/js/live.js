@@ -249,6 +249,8 @@
         if (totals.eta_s !== null && totals.eta_s > 0) rate += `${rate ? " · " : ""}about ${formatDuration(totals.eta_s)} left`;
       }
       setText(field(root, "rate"), rate);
+      const waiting = field(root, "waiting");
+      if (waiting) waiting.hidden = !totals.waiting_for_server;
       announce(totals);
       for (const form of root.querySelectorAll("[data-show-when]")) {
         const when = form.dataset.showWhen.split(" ");
