@@ -405,11 +405,11 @@ class Runner:
         return _ScanWork(scan, config, ocr, engine, source, report_failures=not options.base_url)
 
     async def _server_ready(self, scan_id: int, config: EffectiveConfig) -> None:
-        """The configured model server can take the scan's pages. While it cannot yet (it is starting, e.g.
-        again after its idle timeout stopped it), the scan says it waits for it."""
+        """The configured model server can take the scan's pages. While a Local one cannot yet (it is
+        starting, e.g. again after its idle timeout stopped it), the scan says it waits for it."""
         ready = asyncio.ensure_future(runtime.ensure_ready(config))
-        if (await asyncio.wait({ready}, timeout=SERVER_WAIT_NOTICE_S))[0]:
-            return ready.result()
+        if config.mode != "local" or (await asyncio.wait({ready}, timeout=SERVER_WAIT_NOTICE_S))[0]:
+            return await ready  # an External server is checked, not started: it answers or fails at once
         await asyncio.shield(self._set_waiting(scan_id, True))
         try:
             await ready
