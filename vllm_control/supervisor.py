@@ -67,8 +67,8 @@ TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
 }
 
 # A request vLLM served or is serving, from its log: uvicorn's access line for an API call (not the
-# supervisor's own GETs of /health and /v1/models), or the engine's statistics with requests running.
-_REQUEST_LINE = re.compile(r'"POST /v1/|Running: [1-9]\d* reqs')
+# supervisor's own GETs of /health and /v1/models), or the engine's statistics with requests running or waiting.
+REQUEST_LINE = re.compile(r'"POST /v1/|(Running|Waiting): [1-9]\d* reqs')
 
 LOG_TAIL_LINES = 200
 STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart count
@@ -618,7 +618,7 @@ class Supervisor:
             vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
-            if self._ready_since is not None and _REQUEST_LINE.search(line):
+            if self._ready_since is not None and REQUEST_LINE.search(line):
                 self._last_request = self._clock()
             if self._ready_since is None and vllm is self._vllm and (phase := phase_of(line)) is not None:
                 self._enter_phase(phase)  # publishes at once: phases are few, and people wait for them

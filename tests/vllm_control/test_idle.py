@@ -18,13 +18,14 @@ from tests.fakes.pages import make_pdf
 from tests.support import FAKE_VLLM
 from tests.vllm_control.conftest import MODEL
 from tests.vllm_control.test_startup_phases import ManualClock
+from tests.vllm_control.test_supervisor import send_page
 from vllm_control import runtime
 from vllm_control.config import describe_options, resolve_config
 from vllm_control.events import status_payload
 from vllm_control.models import VLMSettings
 from vllm_control.processes import group_members
 from vllm_control.status import ServerState
-from vllm_control.supervisor import TRANSITIONS, Supervisor
+from vllm_control.supervisor import REQUEST_LINE, TRANSITIONS, Supervisor
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
 
@@ -106,6 +107,22 @@ def test_the_idle_stop_is_a_stop_in_the_one_state_machine():
     assert ServerState.STOPPING in TRANSITIONS[ServerState.READY]
     assert TRANSITIONS[ServerState.STOPPING] == frozenset({ServerState.STOPPED})
     assert TRANSITIONS[ServerState.STOPPED] == frozenset({ServerState.STARTING})
+
+
+@pytest.mark.parametrize(("line", "is_request"), [
+    ('(APIServer pid=2261) INFO:     127.0.0.1:52544 - "POST /v1/chat/completions HTTP/1.1" 200 OK', True),
+    ("(APIServer pid=2261) INFO 10-26 21:49:02 [loggers.py:127] Engine 000: Avg prompt throughput: 1290.4 tokens/s, "
+     "Avg generation throughput: 310.2 tokens/s, Running: 12 reqs, Waiting: 0 reqs, GPU KV cache usage: 9.6%", True),
+    ("(APIServer pid=2261) INFO 10-26 21:49:12 [loggers.py:127] Engine 000: Avg prompt throughput: 0.0 tokens/s, "
+     "Avg generation throughput: 0.0 tokens/s, Running: 0 reqs, Waiting: 3 reqs, GPU KV cache usage: 0.0%", True),
+    ("(APIServer pid=2261) INFO 10-26 21:49:22 [loggers.py:127] Engine 000: Avg prompt throughput: 0.0 tokens/s, "
+     "Avg generation throughput: 0.0 tokens/s, Running: 0 reqs, Waiting: 0 reqs, GPU KV cache usage: 0.0%", False),
+    ('(APIServer pid=2261) INFO:     127.0.0.1:52546 - "GET /health HTTP/1.1" 200 OK', False),  # the supervisor's own
+    ('(APIServer pid=2261) INFO:     127.0.0.1:52548 - "GET /v1/models HTTP/1.1" 200 OK', False),
+])
+def test_requests_in_vllms_log(line, is_request):
+    """Another client's requests keep the server up too: vLLM's access log and engine statistics show them."""
+    assert bool(REQUEST_LINE.search(line)) is is_request
 
 
 def test_the_idle_timeout_setting(monkeypatch):
@@ -196,3 +213,19 @@ async def test_a_manual_stop_is_not_idle(idle_supervisor, port):
     await wait_for(lambda: _true(supervisor.idle), 30, "the idle stop")
     await supervisor.stop()
     assert supervisor.state == ServerState.STOPPED and not supervisor.idle and not supervisor.running
+
+
+async def test_another_clients_requests_keep_it_up(idle_supervisor, port):
+    """No page of ours waits, but someone else uses the server (an External-mode instance, a script)."""
+    supervisor = await idle_supervisor(port)
+    clock = idle_supervisor.clock
+    await supervisor.start()
+    await supervisor.wait_ready(30)
+    clock.advance(50)
+    await send_page(port, MODEL)  # its access-log line reaches the supervisor
+    await wait_for(lambda: _true(supervisor._last_request == clock.now), 30, "the request to be seen")
+    clock.advance(20)  # 70 s since the start, 20 s since the request
+    await checked_twice_more(supervisor)
+    assert supervisor.state == ServerState.READY and not supervisor.idle
+    clock.advance(41)
+    await wait_for(lambda: _true(supervisor.idle), 30, "the idle stop a minute after the request")
