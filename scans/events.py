@@ -77,6 +77,7 @@ class Totals(TypedDict):
     warned: int
     pages_per_s: float | None
     eta_s: float | None
+    waiting_for_server: bool  # a runner waits for the model server to start (e.g. after its idle stop)
 
 
 class PageState(TypedDict):
@@ -200,6 +201,7 @@ def totals(scan: Scan, counts: PageCounts, window_start: datetime, now: datetime
         warned=counts.warned,
         pages_per_s=round(rate, 3) if rate is not None else None,
         eta_s=round(eta, 1) if eta is not None else None,
+        waiting_for_server=scan.waiting_for_server and not scan.is_finished,
     )
 
 

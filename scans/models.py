@@ -46,6 +46,8 @@ class Scan(models.Model):
     error = models.TextField(blank=True)
     engine = models.CharField(max_length=20, blank=True)
     model = models.CharField(max_length=200, blank=True)
+    # A runner waits for the model server before reading its pages (e.g. the idle timeout stopped it).
+    waiting_for_server = models.BooleanField(default=False)
     # Per-scan overrides of the effective OCR options (e.g. from `manage.py ocr --prompt olmocr`).
     options = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)

@@ -16,6 +16,8 @@ from scans import events
 from scans.access import visible_scans
 from scans.events import PageCounts
 from scans.models import Page, Scan
+from scans.pipeline.engines import reads_with_configured_server
+from scans.pipeline.options import ScanOptions
 
 S = Page.Status
 _COUNTS = dict(
@@ -54,6 +56,16 @@ def scan_totals(scan: Scan, *, now: datetime | None = None) -> events.Totals:
 def scan_statuses(scan_ids: Iterable[int]) -> dict[int, str]:
     """{scan id: status} of the scans that exist."""
     return dict(Scan.objects.filter(pk__in=list(scan_ids)).values_list("pk", "status"))
+
+
+def pages_waiting_for_model_server(*, mode: str) -> int:
+    """Pages (pending or being read) of active scans that the configured model server reads: what keeps
+    an idle Local server up, and what starts an idle-stopped one (vllm_control.demand)."""
+    active = Scan.objects.filter(status__in=Scan.ACTIVE).values_list("pk", "options")
+    ids = [pk for pk, options in active if reads_with_configured_server(ScanOptions.from_scan(options or {}), mode=mode)]
+    if not ids:
+        return 0
+    return Page.objects.filter(scan_id__in=ids, status__in=(S.PENDING, S.RUNNING)).count()
 
 
 def ordered_pages(scan: Scan) -> QuerySet[Page]:

@@ -489,5 +489,10 @@ def fail_scan(*, scan_id: int, error: str) -> bool:
     return bool(changed)
 
 
+def set_waiting_for_server(*, scan_id: int, waiting: bool) -> None:
+    """A runner waits for the model server before it can read the scan's pages (or waits no more)."""
+    Scan.objects.filter(pk=scan_id).update(waiting_for_server=waiting)
+
+
 def set_scan_engine(*, scan_id: int, engine: str, model: str) -> None:
     Scan.objects.filter(pk=scan_id).update(engine=engine[:20], model=model[:200])

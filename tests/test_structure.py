@@ -21,6 +21,8 @@ DEFERRED_IMPORTS = {
     ("api.apps", "api"): "AppConfig.ready: signal receivers and schema extensions import models, loaded after app configs",
     ("api.apps", "scans.signals"): "AppConfig.ready: scans.signals imports scans.models",
     ("ocrsite.apps", "scans.pipeline"): "AppConfig.ready: the CPU engines' modules import the settings model",
+    ("ocrsite.apps", "scans"): "AppConfig.ready: scans.selectors (the model server's demand) imports the models",
+    ("ocrsite.apps", "vllm_control.config"): "AppConfig.ready: vllm_control.config imports the settings model",
     ("scans.pipeline.line_boxes", "scans.text_lines"): "heavy (OpenCV, onnxruntime): only with OCRSITE_VLM_LINE_BOXES",
     ("scans.text_layer", "fontTools.fontBuilder"): "about 120 ms to import, used once per process to build the PDF font",
     ("scans.text_layer", "fontTools.pens.ttGlyphPen"): "about 120 ms to import, used once per process to build the PDF font",

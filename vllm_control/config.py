@@ -53,6 +53,8 @@ class LocalServerConfig:
     autostart: bool
     hf_token: str
     cuda_visible_devices: str = ""  # "" leaves this process's CUDA_VISIBLE_DEVICES to the server
+    # Stop the server after this long without requests (None: never); the next page that needs it starts it.
+    idle_timeout_s: float | None = None
 
     @property
     def vllm_bin_found(self) -> bool:
@@ -121,6 +123,7 @@ OPTIONS: dict[str, OptionSpec] = {
     "serve_args": OptionSpec("VLLM_SERVE_ARGS", blank_means="none"),
     "stop_signal": OptionSpec("VLLM_STOP_SIGNAL", "SIGTERM"),
     "stop_grace_ms": OptionSpec("VLLM_STOP_GRACE_MS", str(DEFAULT_STOP_GRACE_MS)),
+    "idle_timeout_min": OptionSpec("VLLM_IDLE_TIMEOUT_MIN", "0"),  # 0: never stopped for being idle
     "gpu_memory_utilization": OptionSpec(blank_means="vLLM's default (0.9)"),
     "max_model_len": OptionSpec(blank_means="vLLM's default (the model's context length)"),
     "tensor_parallel_size": OptionSpec(blank_means="vLLM's default (1)"),
@@ -185,6 +188,13 @@ def _int(raw: str, name: str) -> int:
         return int(raw)
     except ValueError:
         raise ImproperlyConfigured(f"{name}={raw!r} is not a whole number.") from None
+
+
+def _idle_timeout_s(minutes: str) -> float | None:
+    value = _int(minutes, "VLLM_IDLE_TIMEOUT_MIN")
+    if value < 0:
+        raise ImproperlyConfigured(f"VLLM_IDLE_TIMEOUT_MIN={minutes!r} must be 0 (never) or a number of minutes.")
+    return value * 60.0 if value else None
 
 
 def _local_base_url(protocol: str, host: str, port: int) -> str:
@@ -321,6 +331,7 @@ def resolve_config(
         data_parallel_size=row.data_parallel_size,
         autostart=row.autostart,
         hf_token=options["hf_token"],
+        idle_timeout_s=_idle_timeout_s(options["idle_timeout_min"]),
     )
     external_base_url = normalize_base_url(row.external_base_url)
     mode: ModeName = options["mode"]  # type: ignore[assignment]

@@ -40,6 +40,11 @@ class ServerStatusData(TypedDict):
     server_version: str | None
     latency_ms: float | None
     supervised_here: bool
+    phase: str | None  # vLLM's start-up phase while starting (vllm_control.startup_phases.StartupPhase)
+    phase_label: str | None
+    phase_started_at: str | None  # ISO 8601, UTC
+    phase_elapsed_s: float | None
+    idle: bool  # stopped by the idle timeout; the next page that needs it starts it
 
 
 class ServerStatusEvent(TypedDict):

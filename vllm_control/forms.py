@@ -20,7 +20,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "host", "port", "protocol", "base_url", "serve_args", "stop_signal", "stop_grace_ms",
         "start_timeout_s", "health_check_interval_s", "max_restart_attempts", "restart_delay_s",
         "gpu_memory_utilization", "max_model_len", "tensor_parallel_size", "data_parallel_size",
-        "autostart", "hf_token", "local_api_key",
+        "autostart", "idle_timeout_min", "hf_token", "local_api_key",
     ),
     "External server": ("external_base_url", "external_api_key"),
     "Built-in (CPU)": ("cpu_engine", "language"),

@@ -64,6 +64,11 @@ class VLMSettings(models.Model):
     tensor_parallel_size = models.PositiveSmallIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     data_parallel_size = models.PositiveSmallIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     autostart = models.BooleanField(default=True)
+    idle_timeout_min = models.PositiveIntegerField(
+        "Idle timeout (min)", null=True, blank=True,
+        help_text="Stop the local server after this many minutes without requests (frees the GPU); the next page "
+        "that needs it starts it again. 0: never. Blank: VLLM_IDLE_TIMEOUT_MIN, else never.",
+    )
     hf_token = models.CharField(max_length=200, blank=True)
     local_api_key = models.CharField(max_length=200, blank=True)
 

@@ -15,7 +15,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
+
+from django.conf import settings
 
 from vllm_control.command import build_command, server_environment
 from vllm_control.config import EffectiveConfig, Endpoint, LocalServerConfig
@@ -24,8 +27,9 @@ from vllm_control.events import publish_server_status
 from vllm_control.external import ProbeResult, probe, status_from_probe, verify_external
 from vllm_control.redaction import redact_urls
 from vllm_control.router import probe_endpoint, router
+from vllm_control.startup_phases import label
 from vllm_control.status import EndpointStatus, ServerState, ServerStatus
-from vllm_control.supervisor import Supervisor
+from vllm_control.supervisor import Supervisor, read_shared_state
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -355,6 +359,8 @@ async def current_status(config: EffectiveConfig, *, fresh: bool = False) -> Ser
                 return status
         result = await probe(config.local.base_url, api_key=config.api_key, model=config.served_model_name, timeout=2.0, check_health=True)
         status = status_from_probe(config, result, mode="local")
+        if not result.ok:
+            _merge_shared_state(status, config.local)
         if supervisor is not None and not result.ok and supervisor.last_error:
             status.last_error = supervisor.last_error
             status.log_tail = list(supervisor.log_tail)
@@ -365,6 +371,25 @@ async def current_status(config: EffectiveConfig, *, fresh: bool = False) -> Ser
         result = await probe(config.external_base_url, api_key=config.api_key, model=config.served_model_name)
         return await _remember_external(config, result)
     return ServerStatus(mode=config.mode, state=ServerState.STOPPED, model=config.model)  # Built-in: no server
+
+
+def _merge_shared_state(status: ServerStatus, local: LocalServerConfig) -> None:
+    """Another process supervises this port: its state, start-up phase and idle stop (from its state file)."""
+    shared = read_shared_state(settings.DATA_DIR, local.port)
+    if shared is None:
+        return
+    try:
+        status.state = ServerState(shared["state"])
+    except (KeyError, ValueError):
+        return
+    status.idle = bool(shared.get("idle"))
+    status.last_error = shared.get("last_error") or status.last_error
+    if shared.get("phase") and shared.get("phase_started_at"):
+        status.phase = shared["phase"]
+        status.phase_label = label(status.phase)
+        status.phase_started_at = shared["phase_started_at"]
+        started = datetime.fromisoformat(shared["phase_started_at"])
+        status.phase_elapsed_s = round(max(0.0, (datetime.now(UTC) - started).total_seconds()), 1)
 
 
 def _status_of(supervisor: Supervisor) -> Callable[[], Awaitable[ServerStatus]]:
@@ -446,10 +471,10 @@ async def apply_settings_change(old: EffectiveConfig, new: EffectiveConfig) -> N
             if supervisor.running or supervisor.state != ServerState.STOPPED:
                 logger.info("The mode left Local; stopping the vLLM server.")
                 await supervisor.stop()
-        elif supervisor.running and needs_restart(supervisor.config, new.local):
+        elif supervisor.running and not supervisor.idle and needs_restart(supervisor.config, new.local):
             logger.info("The vLLM settings changed; restarting the server.")
             await supervisor.restart(new.local)
-        else:
+        else:  # an idle-stopped server starts with the new settings when a page needs it
             supervisor.config = new.local
 
     await _on_home(go)

@@ -33,6 +33,13 @@ class ServerStatus:
     server_version: str | None = None
     latency_ms: float | None = None
     supervised_here: bool = False  # this process runs the server (Local mode, holds the port lock)
+    # While starting: vLLM's start-up phase read from its log (vllm_control.startup_phases), since when.
+    phase: str | None = None  # a StartupPhase value
+    phase_label: str | None = None  # e.g. "capturing CUDA graphs"
+    phase_started_at: str | None = None  # ISO 8601, UTC
+    phase_elapsed_s: float | None = None  # at the time of this status (the browser counts on from it)
+    # Stopped by the idle timeout (state STOPPED): the next page that needs it starts it again.
+    idle: bool = False
 
 
 @dataclass

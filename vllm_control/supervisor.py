@@ -21,20 +21,24 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from vllm_control import watchdog
+from vllm_control import demand, watchdog
 from vllm_control.command import build_command, redact, server_environment
 from vllm_control.config import LocalServerConfig
 from vllm_control.errors import ModelServerUnavailable
@@ -42,6 +46,7 @@ from vllm_control.events import publish_server_status
 from vllm_control.external import probe
 from vllm_control.processes import GroupRecord, await_group_gone, group_members, signal_group
 from vllm_control.startup_errors import classify, not_found
+from vllm_control.startup_phases import StartupPhase, label, phase_of
 from vllm_control.status import ServerState, ServerStatus
 
 logger = logging.getLogger(__name__)
@@ -49,9 +54,11 @@ vllm_logger = logging.getLogger("vllm_control.vllm")
 
 S = ServerState
 TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
+    # STOPPED -> STARTING: start(), or, stopped by the idle timeout (`idle`), a page that needs the server.
     S.STOPPED: frozenset({S.STARTING}),
     # STARTING -> STARTING: the next attempt after a start-up failure.
     S.STARTING: frozenset({S.STARTING, S.READY, S.UNHEALTHY, S.FAILED, S.STOPPING}),
+    # READY -> STOPPING: stop(), or the idle timeout (then STOPPED with `idle`, still supervised).
     S.READY: frozenset({S.UNHEALTHY, S.STOPPING}),
     # UNHEALTHY -> STARTING: restart after a crash or a hang.
     S.UNHEALTHY: frozenset({S.UNHEALTHY, S.READY, S.STARTING, S.FAILED, S.STOPPING}),
@@ -59,10 +66,15 @@ TRANSITIONS: dict[ServerState, frozenset[ServerState]] = {
     S.FAILED: frozenset({S.STARTING, S.STOPPED}),
 }
 
+# A request vLLM served or is serving, from its log: uvicorn's access line for an API call (not the
+# supervisor's own GETs of /health and /v1/models), or the engine's statistics with requests running or waiting.
+REQUEST_LINE = re.compile(r'"POST /v1/|(Running|Waiting): [1-9]\d* reqs')
+
 LOG_TAIL_LINES = 200
 STABLE_RUN_S = 300.0  # a run that stayed ready this long resets the restart count
 HEALTH_FAILURES = 3  # consecutive failed health checks that count as a hang
 READINESS_POLL_S = 0.5
+IDLE_POLL_S = 1.0  # how often an idle-stopped server asks the database whether pages wait for it
 GROUP_EXIT_WAIT_S = 10.0
 
 
@@ -80,6 +92,7 @@ class RunEnd:
     reason: str
     retryable: bool
     ready_for_s: float = 0.0
+    idle: bool = False  # the idle timeout: stopped on purpose, started again when a page needs it
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -96,6 +109,16 @@ def port_in_use(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def read_shared_state(data_dir: Path, port: int) -> dict | None:
+    """What the process supervising `port` last recorded (Supervisor.state_file), if it still runs."""
+    try:
+        data = json.loads((Path(data_dir) / f"vllm-{port}.state.json").read_text())
+        os.kill(int(data["supervisor_pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 # --- the supervisor ---------------------------------------------------------------------------------------
 
 
@@ -107,8 +130,10 @@ class Supervisor:
         data_dir: Path | None = None,
         stable_run_s: float = STABLE_RUN_S,
         health_failures: int = HEALTH_FAILURES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self._clock = clock  # every duration the supervisor judges (start timeout, phases); tests inject one
         self.data_dir = Path(data_dir or settings.DATA_DIR)
         self.stable_run_s = stable_run_s
         self.health_failures = health_failures
@@ -121,6 +146,12 @@ class Supervisor:
         self.served_models: list[str] = []
         self.server_version: str | None = None
         self.latency_ms: float | None = None
+        self.idle = False  # STOPPED by the idle timeout, waiting for a page that needs the server
+        self._last_request: float | None = None  # self._clock() of the last sign of a request
+        self._wake = asyncio.Event()  # a page in this process needs the idle-stopped server
+        self.phase: StartupPhase | None = None  # vLLM's start-up phase (this process's run only)
+        self._phase_since: float | None = None  # self._clock() when it began
+        self._phase_started_at: datetime | None = None
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._run_lines: deque[str] = deque(maxlen=2 * LOG_TAIL_LINES)
         self._listeners: list[Callable[[ServerStatus], None]] = []
@@ -149,6 +180,11 @@ class Supervisor:
         return self.data_dir / f"vllm-{self.config.port}.lock"
 
     @property
+    def state_file(self) -> Path:
+        """What the owner last published (state, start-up phase, idle), for other processes' status."""
+        return self.data_dir / f"vllm-{self.config.port}.state.json"
+
+    @property
     def connect_host(self) -> str:
         return urlsplit(self.config.base_url).hostname or "127.0.0.1"
 
@@ -168,7 +204,7 @@ class Supervisor:
             port=self.config.port,
             pid=vllm.pid if alive and vllm is not None else None,
             restart_count=self.restart_count,
-            uptime_s=round(time.monotonic() - self._spawned_at, 1) if alive and self._spawned_at else None,
+            uptime_s=round(self._clock() - self._spawned_at, 1) if alive and self._spawned_at else None,
             last_health_check=self.last_health_check,
             last_error=self.last_error,
             log_tail=list(self.log_tail),
@@ -176,17 +212,47 @@ class Supervisor:
             server_version=self.server_version,
             latency_ms=self.latency_ms,
             supervised_here=self.owner,
+            phase=str(self.phase) if self.phase else None,
+            phase_label=label(self.phase),
+            phase_started_at=self._phase_started_at.isoformat() if self._phase_started_at else None,
+            phase_elapsed_s=round(self.phase_elapsed_s, 1) if self.phase_elapsed_s is not None else None,
+            idle=self.idle,
         )
+
+    @property
+    def phase_elapsed_s(self) -> float | None:
+        return self._clock() - self._phase_since if self._phase_since is not None else None
+
+    def _enter_phase(self, phase: StartupPhase | None) -> None:
+        if phase == self.phase:
+            return
+        self.phase = phase
+        self._phase_since = self._clock() if phase else None
+        self._phase_started_at = datetime.now(UTC) if phase else None
+        if phase:
+            logger.info("vLLM server on port %s: %s", self.config.port, label(phase))
+        self._changed()
+
+    def _phase_detail(self) -> str:
+        """"; it was in phase 'capturing CUDA graphs' for 95 s" (empty before vLLM printed anything)."""
+        elapsed = self.phase_elapsed_s
+        if self.phase is None or elapsed is None:
+            return ""
+        return f"; it was in phase '{label(self.phase)}' for {elapsed:.0f} s"
 
     def add_listener(self, callback: Callable[[ServerStatus], None]) -> None:
         self._listeners.append(callback)
 
-    def _set_state(self, new: ServerState, *, error: object = _KEEP) -> None:
+    def _set_state(self, new: ServerState, *, error: object = _KEEP, idle: bool = False) -> None:
+        """`idle` only with STOPPED: stopped by the idle timeout; any other change clears it."""
         if new not in TRANSITIONS[self.state] and new != self.state:
             raise InvalidTransition(f"{self.state} -> {new}")
-        if new != self.state:
-            logger.info("vLLM server on port %s: %s -> %s", self.config.port, self.state, new)
+        if idle and new != ServerState.STOPPED:
+            raise InvalidTransition(f"{new} cannot be idle")
+        if new != self.state or idle != self.idle:
+            logger.info("vLLM server on port %s: %s -> %s%s", self.config.port, self.state, new, " (idle)" if idle else "")
         self.state = new
+        self.idle = idle
         if error is not _KEEP:
             self.last_error = error  # type: ignore[assignment]
         self._changed()
@@ -199,6 +265,7 @@ class Supervisor:
             except Exception:
                 logger.exception("vLLM status listener failed")
         self._publish(status)
+        self._write_state_file(status)
         self._change.set()
         self._change = asyncio.Event()
 
@@ -206,6 +273,21 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(publish_server_status(status))
         self._background.add(task)
         task.add_done_callback(self._publish_done)
+
+    def _write_state_file(self, status: ServerStatus) -> None:
+        """The owner's status for `vllm_status` and the ocrsite processes that only observe this port."""
+        if not self.owner:
+            return
+        data = {
+            "state": str(status.state), "phase": status.phase, "phase_started_at": status.phase_started_at,
+            "idle": status.idle, "last_error": status.last_error, "supervisor_pid": os.getpid(),
+        }
+        try:
+            temporary = self.state_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(data))
+            temporary.replace(self.state_file)
+        except OSError as exc:
+            logger.warning("Could not record the vLLM status in %s: %s", self.state_file, exc)
 
     def _publish_done(self, task: asyncio.Task) -> None:
         self._background.discard(task)
@@ -232,6 +314,8 @@ class Supervisor:
             self._control = asyncio.Lock()
         async with self._control:
             if self.running:
+                if self.idle:
+                    self.wake()
                 return
             if self.state == ServerState.FAILED:
                 self.restart_count = 0
@@ -254,8 +338,8 @@ class Supervisor:
             if self._vllm is not None:
                 await self._terminate(graceful=True)
             self._release_lock()
-            if self.state != ServerState.STOPPED:
-                self._set_state(ServerState.STOPPED)
+            if self.state != ServerState.STOPPED or self.idle:
+                self._set_state(ServerState.STOPPED)  # stopped by a person: no longer idle
 
     async def restart(self, config: LocalServerConfig | None = None) -> None:
         await self.stop()
@@ -268,18 +352,26 @@ class Supervisor:
         """Run a health check at once (a request to the server just failed)."""
         self._check_now.set()
 
+    def wake(self) -> None:
+        """A page in this process needs the server: start it now if the idle timeout stopped it."""
+        self._wake.set()
+
     async def wait_ready(self, timeout: float) -> ServerStatus:
         """Wait for READY; raise ModelServerUnavailable when it failed, was stopped or took too long."""
         deadline = time.monotonic() + timeout
         while True:
             if self.state == ServerState.READY:
                 return self.status()
-            if self.state in (ServerState.FAILED, ServerState.STOPPED):
+            if self.state == ServerState.STOPPED and self.idle and self.running:
+                self.wake()  # the caller needs the server: start it again, and wait for it
+            elif self.state in (ServerState.FAILED, ServerState.STOPPED):
                 raise ModelServerUnavailable(self.last_error or f"The vLLM server is {self.state}.")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 detail = f" Last error: {self.last_error}" if self.last_error else ""
-                raise ModelServerUnavailable(f"The vLLM server did not become ready within {timeout:g} s.{detail}")
+                raise ModelServerUnavailable(
+                    f"The vLLM server did not become ready within {timeout:g} s{self._phase_detail()}.{detail}"
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._change.wait(), remaining)
 
@@ -291,6 +383,11 @@ class Supervisor:
                     await self._observe()
                     continue
                 end = await self._run_once()
+                if end.idle:
+                    self._set_state(ServerState.STOPPED, error=None, idle=True)
+                    await self._until_needed()
+                    self._set_state(ServerState.STARTING)
+                    continue
                 if end.ready_for_s >= self.stable_run_s:
                     self.restart_count = 0
                 if not end.retryable:
@@ -339,9 +436,13 @@ class Supervisor:
             return RunEnd(not_found(self.config.vllm_bin).message, retryable=False)
         end = await self._wait_for_readiness(vllm)
         if end is None:
-            self._ready_since = time.monotonic()
+            self._ready_since = self._last_request = self._clock()
+            self.phase, self._phase_since, self._phase_started_at = None, None, None
             self._set_state(ServerState.READY, error=None)
             end = await self._monitor(vllm)
+        if end.idle:
+            logger.info("%s", end.reason)
+            self._set_state(ServerState.STOPPING)
         await self._terminate(graceful=vllm.process.returncode is None)
         return end
 
@@ -358,21 +459,25 @@ class Supervisor:
             record=self.pgid_file,
             output_limit=1 << 20,
         )
-        self._vllm, self._spawned_at = vllm, time.monotonic()
+        self._vllm, self._spawned_at = vllm, self._clock()
         self._exit_task = asyncio.create_task(_exited(vllm.process))
         self._reader_task = asyncio.create_task(self._read_output(vllm))
-        self._changed()
+        self.phase = None
+        self._enter_phase(StartupPhase.LAUNCHING)  # publishes the new process
         return vllm
 
     async def _wait_for_readiness(self, vllm: watchdog.Supervised) -> RunEnd | None:
-        deadline = time.monotonic() + self.config.start_timeout_s
+        deadline = self._clock() + self.config.start_timeout_s
         assert self._exit_task is not None
         while True:
             await asyncio.wait({self._exit_task}, timeout=READINESS_POLL_S)
             if self._exit_task.done():
                 return await self._startup_failure(vllm)
-            if time.monotonic() >= deadline:
-                return RunEnd(f"vLLM did not become ready within {self.config.start_timeout_s} s.", retryable=True)
+            if self._clock() >= deadline:
+                return RunEnd(
+                    f"vLLM did not become ready within {self.config.start_timeout_s} s{self._phase_detail()}.",
+                    retryable=True,
+                )
             result = await self._probe(timeout=2.0, fetch_version=True)
             if result.ok:
                 return None
@@ -395,7 +500,7 @@ class Supervisor:
                 await asyncio.wait({self._exit_task, woken}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 woken.cancel()
-            ready_for = time.monotonic() - (self._ready_since or time.monotonic())
+            ready_for = self._clock() - (self._ready_since or self._clock())
             if self._exit_task.done():
                 reason = f"vLLM (pid {vllm.pid}) exited with code {vllm.process.returncode}."
                 self._set_state(ServerState.UNHEALTHY, error=reason)
@@ -411,6 +516,12 @@ class Supervisor:
                     self.restart_count = 0
                 if self.state != ServerState.READY:
                     self._set_state(ServerState.READY, error=None)
+                if (idle_for := await self._idle_for()) is not None:
+                    return RunEnd(
+                        f"vLLM on port {self.config.port} had no request for {idle_for:.0f} s (the idle timeout is "
+                        f"{self.config.idle_timeout_s:g} s); stopping it until a page needs it.",
+                        retryable=True, ready_for_s=ready_for, idle=True,
+                    )
                 continue
             failures += 1
             self._set_state(
@@ -423,6 +534,40 @@ class Supervisor:
                     retryable=True,
                     ready_for_s=ready_for,
                 )
+
+    # --- the idle timeout ------------------------------------------------------------------------------------
+    async def _pages_waiting(self) -> int | None:
+        return await sync_to_async(demand.pages_waiting)()
+
+    async def _idle_for(self) -> float | None:
+        """How long the server has had no request, once that reaches the idle timeout (None: not idle).
+
+        A request is a page waiting for the server in the database (queued, or being read by any runner
+        process), or one vLLM logged (its access log, its "Running: N reqs" statistics): another client's
+        too. Unknown (the database could not say) counts as busy."""
+        timeout = self.config.idle_timeout_s
+        if not timeout:
+            return None
+        waiting = await self._pages_waiting()
+        now = self._clock()
+        if waiting is None or waiting > 0 or self._last_request is None:
+            self._last_request = now
+        idle_for = now - self._last_request
+        return idle_for if idle_for >= timeout else None
+
+    async def _until_needed(self) -> None:
+        """Stopped by the idle timeout: wait until a page needs the server (the database says so, for the
+        runners of every process) or this process asks for it (`wake`)."""
+        while True:
+            self._wake.clear()
+            waiting = await self._pages_waiting()
+            if waiting:
+                logger.info("%d page(s) wait for the model server on port %s; starting it.", waiting, self.config.port)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S)
+            if self._wake.is_set():
+                return
 
     async def _observe(self) -> None:
         """Another process supervises this port: follow its server over HTTP until the lock frees."""
@@ -473,7 +618,12 @@ class Supervisor:
             vllm_logger.info("[vllm:%d] %s", vllm.pid, line)
             self.log_tail.append(line)
             self._run_lines.append(line)
-            self._publish_log_soon()
+            if self._ready_since is not None and REQUEST_LINE.search(line):
+                self._last_request = self._clock()
+            if self._ready_since is None and vllm is self._vllm and (phase := phase_of(line)) is not None:
+                self._enter_phase(phase)  # publishes at once: phases are few, and people wait for them
+            else:
+                self._publish_log_soon()
 
     def _redact(self, line: str) -> str:
         """Some vLLM versions log their arguments, API key included; the log tail reaches the browser."""
@@ -512,6 +662,7 @@ class Supervisor:
         self._vllm = None
         self._spawned_at = None
         self._ready_since = None
+        self.phase, self._phase_since, self._phase_started_at = None, None, None
         with contextlib.suppress(FileNotFoundError):
             self.pgid_file.unlink()
         self._changed()
@@ -567,6 +718,7 @@ class Supervisor:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
+            self.state_file.unlink(missing_ok=True)  # no longer this process's to report
             os.close(self._lock_fd)
             self._lock_fd = None
         self.owner = False

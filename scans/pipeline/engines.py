@@ -50,6 +50,16 @@ def fleet_wait_s(config: EffectiveConfig, ocr: OCRConfig) -> float:
     return float(ocr.request_timeout_s)
 
 
+def reads_with_configured_server(options: ScanOptions, *, mode: str) -> bool:
+    """Whether the configured model server (Local or External) reads the scan: vLLM, and no server of its own."""
+    if options.base_url or mode == "builtin":
+        return False
+    try:
+        return engine_name(options, mode=mode) == VLLM
+    except PermanentEngineError:
+        return False
+
+
 def build_engine(
     config: EffectiveConfig,
     ocr: OCRConfig,

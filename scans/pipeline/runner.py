@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 COMMIT_WINDOW_S = 0.004  # results arriving this close together share one transaction
 COMMIT_BATCH = 64
-MAX_CACHED_SCANS = 64  # scans whose engine, options and open document are kept between pages
+MAX_CACHED_SCANS = 64
+SERVER_WAIT_NOTICE_S = 0.2  # a scan waiting longer than this for the model server says so  # scans whose engine, options and open document are kept between pages
 
 PageCallback = Callable[[Page], Awaitable[None]]
 
@@ -398,7 +399,7 @@ class Runner:
         name = engine_name(options, mode=config.mode, cpu_engine=ocr.cpu_engine)
         if name == VLLM and not options.base_url:
             try:
-                await runtime.ensure_ready(config)
+                await self._server_ready(scan_id, config)
             except ModelServerUnavailable as exc:
                 raise _ScanFailed(exc.message) from None
         api_key = self.secrets.get(scan_id) or options.api_key
@@ -424,6 +425,26 @@ class Runner:
             longest_side=ocr.target_longest_side, image_format=ocr.image_format, executor=self._executor,
         )
         return _ScanWork(scan, config, ocr, engine, source, report_failures=not options.base_url)
+
+    async def _server_ready(self, scan_id: int, config: EffectiveConfig) -> None:
+        """The configured model server can take the scan's pages. While a Local one cannot yet (it is
+        starting, e.g. again after its idle timeout stopped it), the scan says it waits for it."""
+        ready = asyncio.ensure_future(runtime.ensure_ready(config))
+        if config.mode != "local" or (await asyncio.wait({ready}, timeout=SERVER_WAIT_NOTICE_S))[0]:
+            return await ready  # an External server is checked, not started: it answers or fails at once
+        await asyncio.shield(self._set_waiting(scan_id, True))
+        try:
+            await ready
+        finally:
+            ready.cancel()
+            await asyncio.shield(self._set_waiting(scan_id, False))
+
+    async def _set_waiting(self, scan_id: int, waiting: bool) -> None:
+        try:
+            await sync_to_async(services.set_waiting_for_server)(scan_id=scan_id, waiting=waiting)
+            await progress.apublish_scan(scan_id)
+        except Exception:
+            logger.warning("Could not record that scan %s waits for the model server", scan_id, exc_info=True)
 
     # --- one page ---------------------------------------------------------------------------------
 

@@ -97,19 +97,52 @@
 
   // --- the model server: header indicator and the settings page's card ---------------------------------
 
+  // "stopped (idle)"; "starting: capturing CUDA graphs, 2 min 5 s" with the phase's time counted on here
+  // from the status's phase_elapsed_s (the server's clock, so a browser's wrong clock does not matter).
+  let shownStatus = null;
+  let statusReceivedAt = 0;
+
+  function stateText(status) {
+    if (status.idle && status.state === "stopped") return "stopped (idle)";
+    if (status.state === "starting" && status.phase_label) {
+      const elapsed = (status.phase_elapsed_s || 0) + (performance.now() - statusReceivedAt) / 1000;
+      return `starting: ${status.phase_label}, ${formatDuration(elapsed)}`;
+    }
+    return status.state;
+  }
+
+  function showServerState(status) {
+    const text = stateText(status);
+    const indicator = document.getElementById("server-indicator");
+    if (indicator) {
+      setText(field(indicator, "state"), `model server: ${text}`);
+      indicator.title = status.last_error ? `Model server: ${text} — ${status.last_error}` : `Model server: ${text}`;
+    }
+    const card = document.getElementById("server-status");
+    setText(field(card, "state"), text);
+    const phase = field(card, "phase");
+    if (phase) setText(phase, status.phase_label ? `${status.phase_label} (${formatDuration((status.phase_elapsed_s || 0) + (performance.now() - statusReceivedAt) / 1000)})` : "—");
+  }
+
+  setInterval(() => {
+    if (shownStatus && shownStatus.state === "starting" && shownStatus.phase_label) showServerState(shownStatus);
+  }, 1000);
+
   function applyServerStatus(status) {
     document.dispatchEvent(new CustomEvent("server-status", { detail: status }));
+    shownStatus = status;
+    statusReceivedAt = performance.now();
     const indicator = document.getElementById("server-indicator");
     if (indicator) {
       indicator.dataset.state = status.state;
-      setText(field(indicator, "state"), `model server: ${status.state}`);
-      indicator.title = status.last_error ? `Model server: ${status.state} — ${status.last_error}` : `Model server: ${status.state}`;
+      indicator.dataset.idle = status.idle ? "true" : "false";
     }
+    showServerState(status);
     const card = document.getElementById("server-status");
     if (!card) return;
     card.dataset.state = status.state;
+    card.dataset.phase = status.phase || "";
     const state = field(card, "state");
-    setText(state, status.state);
     setStatusClass(state, status.state);
     if (status.model) setText(field(card, "model"), status.model);
     if (status.base_url) setText(field(card, "base_url"), status.base_url);
@@ -216,6 +249,8 @@
         if (totals.eta_s !== null && totals.eta_s > 0) rate += `${rate ? " · " : ""}about ${formatDuration(totals.eta_s)} left`;
       }
       setText(field(root, "rate"), rate);
+      const waiting = field(root, "waiting");
+      if (waiting) waiting.hidden = !totals.waiting_for_server;
       announce(totals);
       for (const form of root.querySelectorAll("[data-show-when]")) {
         const when = form.dataset.showWhen.split(" ");

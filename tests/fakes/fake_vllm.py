@@ -15,6 +15,10 @@ Knobs (environment variables):
   FAKE_VLLM_STARTUP_DELAY   seconds before listening (port bound at once, connections refused), default 0.5
   FAKE_VLLM_HOLD_UNTIL      a path: after the start-up delay, keep starting (not listening) until it exists,
                             so a test sees `starting` for as long as it needs and then releases the server
+  FAKE_VLLM_HOLD_PHASES     start-up steps to stop in (comma-separated, or "all"): load, download, compile,
+                            profile, capture, api_server. The double prints vLLM 0.11's start-up lines in order
+                            (STARTUP_STEPS) and, after the opening lines of each step listed, waits until
+                            `continue-<step>` exists in FAKE_VLLM_STATE_DIR
   FAKE_VLLM_LATENCY         seconds per chat request, spent while holding a capacity slot, default 0
   FAKE_VLLM_CAPACITY        chat requests processed at once (others wait), default 256
   FAKE_VLLM_ERROR_RATE      fraction of chat requests answered 500
@@ -114,6 +118,8 @@ def _int_set(name: str) -> set[int]:
 class Knobs:
     startup_delay: float = field(default_factory=lambda: _float("FAKE_VLLM_STARTUP_DELAY", 0.5))
     hold_until: str = field(default_factory=lambda: os.environ.get("FAKE_VLLM_HOLD_UNTIL", ""))
+    hold_phases: set[str] = field(default_factory=lambda: {
+        part.strip() for part in os.environ.get("FAKE_VLLM_HOLD_PHASES", "").split(",") if part.strip()})
     latency: float = field(default_factory=lambda: _float("FAKE_VLLM_LATENCY", 0.0))
     capacity: int = field(default_factory=lambda: _int("FAKE_VLLM_CAPACITY", 256) or 256)
     error_rate: float = field(default_factory=lambda: _float("FAKE_VLLM_ERROR_RATE", 0.0))
@@ -441,7 +447,70 @@ def _exit_on_sigterm(knobs: Knobs) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN if knobs.ignore_sigterm else lambda *_: os._exit(0))
 
 
-def run_engine_core(parent_pid: int, workers: int, ready_fd: int) -> int:
+# vLLM 0.11's start-up, as the EngineCore (one GPU: the model runs in its process) prints it between
+# "Initializing a V1 LLM engine" and "init engine ... took": (step, [(logger line or tqdm bar), ...]). The
+# first line of each step opens it; FAKE_VLLM_HOLD_PHASES stops the double right after it.
+def startup_steps(model: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    return [
+        ("load", [
+            ("gpu_model_runner.py:2602", f"Starting to load model {model}..."),
+            ("gpu_model_runner.py:2634", "Loading model from scratch..."),
+            ("cuda.py:366", "Using Flash Attention backend on V1 engine."),
+        ]),
+        ("download", [
+            ("weight_utils.py:392", "Using model weights format ['*.safetensors']"),
+            ("weight_utils.py:413", f"Time spent downloading weights for {model}: 0.612345 seconds"),
+            ("tqdm", "Loading safetensors checkpoint shards: 100% Completed | 2/2 [00:00<00:00,  2.31it/s]"),
+            ("default_loader.py:267", "Loading weights took 0.87 seconds"),
+            ("gpu_model_runner.py:2653", "Model loading took 4.2374 GiB and 1.912345 seconds"),
+        ]),
+        ("compile", [
+            ("backends.py:548", "Using cache directory: /root/.cache/vllm/torch_compile_cache/9f0e2c1a4b/rank_0_0/"
+                                "backbone for vLLM's torch.compile"),
+            ("backends.py:559", "Dynamo bytecode transform time: 3.70 s"),
+            ("backends.py:197", "Cache the graph for dynamic shape for later use"),
+            ("backends.py:218", "Compiling a graph for dynamic shape takes 20.15 s"),
+        ]),
+        ("profile", [
+            ("monitor.py:34", "torch.compile takes 23.85 s in total"),
+            ("gpu_worker.py:298", "Available KV cache memory: 18.38 GiB"),
+            ("kv_cache_utils.py:1087", "GPU KV cache size: 172,032 tokens"),
+            ("kv_cache_utils.py:1091", "Maximum concurrency for 32,768 tokens per request: 5.25x"),
+        ]),
+        ("capture", [
+            ("tqdm", "Capturing CUDA graphs (mixed prefill-decode, PIECEWISE): 100%|##########| 67/67 "
+                     "[00:03<00:00, 19.21it/s]"),
+            ("tqdm", "Capturing CUDA graphs (decode, FULL): 100%|##########| 35/35 [00:01<00:00, 21.94it/s]"),
+            ("gpu_model_runner.py:3480", "Graph capturing finished in 5 secs, took 0.49 GiB"),
+        ]),
+    ]
+
+
+def hold_phase(knobs: Knobs, step: str, stop: threading.Event | None = None) -> bool:
+    """FAKE_VLLM_HOLD_PHASES: wait in `step` until the test creates continue-<step>; False when stopped first."""
+    if step not in knobs.hold_phases and "all" not in knobs.hold_phases:
+        return True
+    gate = Path(knobs.state_dir or ".") / f"continue-{step}"
+    while not gate.exists():
+        if stop is not None and stop.wait(0.02):
+            return False
+        if stop is None:
+            time.sleep(0.02)
+    return True
+
+
+def print_startup_steps(knobs: Knobs, model: str, role: str) -> None:
+    for step, lines in startup_steps(model):
+        for index, (where, message) in enumerate(lines):
+            if where == "tqdm":  # progress bars go to stderr with the process's prefix
+                _emit(sys.stderr, f"({role} pid={os.getpid()}) {message}")
+            else:
+                log("INFO", where, message, role)
+            if index == 0:
+                hold_phase(knobs, step)
+
+
+def run_engine_core(parent_pid: int, workers: int, ready_fd: int, model: str = DEFAULT_MODEL) -> int:
     """The EngineCore child: renames itself, spawns its workers and reports ready (one byte on `ready_fd`,
     vLLM's start-up handshake) once they are, idles; stops on SIGTERM.
 
@@ -466,6 +535,7 @@ def run_engine_core(parent_pid: int, workers: int, ready_fd: int) -> int:
         if not os.read(ready_read, 1):
             log("ERROR", "multiproc_executor.py:520", "WorkerProc failed to start.", role)
             return 1
+    print_startup_steps(knobs, model, role)
     log("INFO", "core.py:215", "init engine (profile, create kv cache, warmup model) took 0.01 seconds", role)
     os.write(ready_fd, b"1")
     os.close(ready_fd)
@@ -1054,7 +1124,8 @@ def spawn_engine_core(args: ServeArgs) -> tuple[subprocess.Popen, int]:
     ready_read, ready_write = os.pipe()
     # Same process group as us (no new session): a group signal reaches it, a parent-only kill does not.
     child = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--engine-core", str(os.getpid()), workers, str(ready_write)],
+        [sys.executable, str(Path(__file__).resolve()), "--engine-core", str(os.getpid()), workers, str(ready_write),
+         args.model],
         stdin=subprocess.DEVNULL,
         pass_fds=(ready_write,),
     )
@@ -1165,7 +1236,6 @@ def serve(argv: list[str]) -> int:
 
     state = DoubleState(args, knobs)
     handler.state = state
-    server.server_activate()
     shown = host if host != "0.0.0.0" else "0.0.0.0"
     log("INFO", "api_server.py:1912", f"Starting vLLM API server 0 on http://{shown}:{args.port}")
     log("INFO", "launcher.py:34", "Available routes are:")
@@ -1173,9 +1243,15 @@ def serve(argv: list[str]) -> int:
         log("INFO", "launcher.py:42", f"Route: {route}, Methods: {methods}")
     uvicorn(f"Started server process [{os.getpid()}]")
     uvicorn("Waiting for application startup.")
+    if not hold_phase(knobs, "api_server", stop):
+        server.server_close()
+        log("INFO", "launcher.py:110", "Shutting down FastAPI HTTP server.")
+        stop_child(child)
+        return 0
+    uvicorn("Application startup complete.")
+    server.server_activate()  # uvicorn listens once the application's start-up is complete
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
-    uvicorn("Application startup complete.")
 
     while not stop.wait(0.2):
         if child.poll() is not None and not stop.wait(0.5):  # a group signal reaches the child first
@@ -1195,7 +1271,7 @@ def serve(argv: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--engine-core"]:
-        return run_engine_core(int(argv[1]), int(argv[2]), int(argv[3]))
+        return run_engine_core(int(argv[1]), int(argv[2]), int(argv[3]), *argv[4:5])
     if argv[:1] == ["--worker"]:
         return run_worker(argv[1], int(argv[2]), int(argv[3]))
     if argv[:1] in (["--version"], ["-v"]):

@@ -37,8 +37,11 @@ class Command(BaseCommand):
         if options["json"]:
             self.stdout.write(json.dumps({**shown, "endpoints": shown_endpoints}))
         else:
-            self.stdout.write(f"mode: {status.mode}\nstate: {status.state}\nmodel: {status.model}")
+            state = f"{status.state} (idle)" if status.idle else str(status.state)
+            self.stdout.write(f"mode: {status.mode}\nstate: {state}\nmodel: {status.model}")
+            phase = f"{status.phase_label} (for {status.phase_elapsed_s:.0f} s)" if status.phase_label else None
             for label, value in (
+                ("start-up phase", phase),
                 ("base URL", shown["base_url"]),
                 ("served models", ", ".join(status.served_models)),
                 ("server version", status.server_version),
