@@ -40,6 +40,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/fleet_bench.py
+	$(BIN)/python bench/fair_queue_bench.py
 	$(BIN)/python bench/bench_builtin.py
 	$(BIN)/python bench/bench_cpu_scans.py
 	$(BIN)/python bench/bench_searchable_pdf.py
