@@ -159,3 +159,40 @@ def test_the_settings_page_lists_the_servers_and_never_renders_their_keys(staff_
     assert "A Local server needs its own port." in local.content.decode()
     staff_client.post(f"/settings/servers/{server.pk}/delete/")
     assert not ModelServer.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_credentials_inside_a_servers_url_never_reach_the_log(caplog):
+    """Found by hand: "Model server http://user:pw@host/v1 is in the rotation." was logged for the settings'
+    own External URL and for an extra server without a name."""
+    from vllm_control.external import ProbeResult
+    from vllm_control.router import NoEndpointAvailable, Router
+
+    def configure():
+        row = VLMSettings.load()
+        row.mode, row.external_base_url = "external", "http://user:hunter2pw@gpu1:8000/v1"
+        row.save()
+        ModelServer.objects.create(kind="external", base_url="http://bob:s3cretpw@gpu2:8000/v1", capacity=2)
+        return resolve_config(environ={})
+
+    config = await sync_to_async(configure)()
+    assert [e.base_url for e in config.endpoints] == ["http://user:hunter2pw@gpu1:8000/v1", "http://bob:s3cretpw@gpu2:8000/v1"]
+    healthy = {"main"}
+
+    async def probe(endpoint, model):
+        ok = endpoint.key in healthy
+        return ProbeResult(ok, ok, not ok, None if ok else f"Cannot connect to {endpoint.name}.")
+
+    router = Router(probe=probe)
+    router.configure(config.endpoints, model=config.served_model_name)
+    with caplog.at_level("INFO"):
+        await router.check_now()
+        healthy.clear()
+        router._endpoints["main"].next_probe = 0.0
+        await router.check_now()
+        with pytest.raises(NoEndpointAvailable) as refused:
+            await router.acquire(timeout=0)
+    await router.stop()
+    shown = caplog.text + str(refused.value) + json.dumps([s.name for s in router.statuses()])
+    assert "in the rotation" in caplog.text
+    assert "hunter2pw" not in shown and "s3cretpw" not in shown
