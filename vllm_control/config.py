@@ -263,6 +263,15 @@ def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) 
     return list(rows.values())
 
 
+def settings_port(row: VLMSettings, environ: Mapping[str, str] = os.environ) -> int | None:
+    """The port of the settings' own Local server (saved, else VLLM_PORT, else 8000); None when unreadable."""
+    raw = row.port if row.port is not None else environ.get("VLLM_PORT", str(DEFAULT_PORT))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
 def endpoints_of(
     *, mode: str, base_url: str, api_key: str, local: LocalServerConfig, capacity: int, servers: Iterable[ModelServer]
 ) -> tuple[Endpoint, ...]:

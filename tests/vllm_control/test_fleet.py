@@ -196,3 +196,29 @@ async def test_credentials_inside_a_servers_url_never_reach_the_log(caplog):
     shown = caplog.text + str(refused.value) + json.dumps([s.name for s in router.statuses()])
     assert "in the rotation" in caplog.text
     assert "hunter2pw" not in shown and "s3cretpw" not in shown
+
+
+@pytest.mark.django_db
+def test_an_extra_local_server_cannot_take_the_settings_servers_port(monkeypatch):
+    """Found by hand: a Local server on the settings' port (8000) was saved; in Local mode the settings'
+    supervisor then found the port locked by its own process, only watched the extra server ("Another
+    ocrsite process supervises vLLM on port 8000") and the router counted that one server twice."""
+    from vllm_control.forms import VLMSettingsForm
+    from vllm_control.server_forms import FORM_PREFIX, ModelServerForm
+
+    monkeypatch.delenv("VLLM_PORT", raising=False)
+    row = VLMSettings.load()
+    row.mode = "local"
+    row.save()
+    data = {f"{FORM_PREFIX}-{k}": v for k, v in {"kind": "local", "port": "8000", "capacity": "4", "enabled": "on"}.items()}
+    form = ModelServerForm(data, instance=ModelServer(), prefix=FORM_PREFIX)
+    assert not form.is_valid()
+    assert "port" in form.errors
+
+    ModelServer.objects.create(kind="local", port=8001, capacity=4)
+    settings_form = VLMSettingsForm(instance=row)
+    posted = {name: value for name, value in settings_form.initial.items() if value is not None}
+    posted.update(mode="local", port="8001")
+    settings_form = VLMSettingsForm(posted, instance=VLMSettings.load())
+    assert not settings_form.is_valid()
+    assert "port" in settings_form.errors
