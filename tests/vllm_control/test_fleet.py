@@ -222,3 +222,42 @@ def test_an_extra_local_server_cannot_take_the_settings_servers_port(monkeypatch
     settings_form = VLMSettingsForm(posted, instance=VLMSettings.load())
     assert not settings_form.is_valid()
     assert "port" in settings_form.errors
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_saving_the_settings_points_the_router_at_the_new_settings_server(monkeypatch):
+    """Found by hand: with an extra server, changing the settings' own server (External URL 8000 -> 8791)
+    left the router probing the old one: "Model server http://127.0.0.1:8000/v1 left the rotation" was
+    logged after the change, the settings page showed the new URL "unhealthy" with the old URL's error
+    (the live event), then "not checked yet" until a page was read."""
+    import asyncio
+
+    from vllm_control import router as router_module
+    from vllm_control.external import ProbeResult
+    from vllm_control.router import Router
+    from vllm_control.services import save_settings
+
+    async def probe(endpoint, model):
+        return ProbeResult(True, True, False)
+
+    fresh = Router(probe=probe)
+    monkeypatch.setattr(router_module, "_router", fresh)
+    runtime.bind_loop()
+
+    def configure(url):
+        row = VLMSettings.load()
+        row.mode, row.external_base_url = "external", url
+        save_settings(row=row)
+        return resolve_config()
+
+    await sync_to_async(ModelServer.objects.create)(kind="external", base_url="http://gpu2:8000/v1", capacity=2)
+    runtime.route_endpoints(await sync_to_async(configure)("http://gpu1:8000/v1"))
+    assert fresh.endpoints[0].base_url == "http://gpu1:8000/v1"
+
+    await sync_to_async(configure)("http://gpu3:8791/v1")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    try:
+        assert [e.base_url for e in fresh.endpoints] == ["http://gpu3:8791/v1", "http://gpu2:8000/v1"]
+    finally:
+        await fresh.stop()
