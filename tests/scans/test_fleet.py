@@ -93,6 +93,9 @@ async def test_an_endpoint_taken_out_is_skipped_and_comes_back_when_its_health_c
     router._endpoints["a"].next_probe = 0  # due now (the loop would probe it within DOWN_PROBE_S)
     await router.check_now()
     assert {s.key: s.state for s in router.statuses()}["a"] == ServerState.READY
+    # Back in the rotation, its status no longer shows why it was out (found by hand: the settings page
+    # showed "ready" beside "Cannot connect to the model server ...").
+    assert {s.key: s.last_error for s in router.statuses()}["a"] is None
     assert (await router.acquire(timeout=1)).endpoint.key == "a"
     await router.stop()
 
