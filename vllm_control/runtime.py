@@ -238,9 +238,10 @@ async def stop_fleet() -> None:
 def route_endpoints(config: EffectiveConfig) -> None:
     """Let this process's router check the endpoints (the settings page shows their health); a router that
     routes already follows every change (a server removed, the settings' own server changed)."""
-    if len(config.endpoints) > 1 or router().endpoints:
-        router().configure(config.endpoints, model=config.served_model_name, health_interval_s=config.local.health_check_interval_s)
-    if len(config.endpoints) > 1:
+    routed = config.endpoints if len(config.endpoints) > 1 else ()  # one server: not routed, not probed here
+    if routed or router().endpoints:
+        router().configure(routed, model=config.served_model_name, health_interval_s=config.local.health_check_interval_s)
+    if routed:
         router().ensure_health_loop()
 
 

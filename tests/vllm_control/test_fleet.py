@@ -259,5 +259,13 @@ async def test_saving_the_settings_points_the_router_at_the_new_settings_server(
         await asyncio.sleep(0)
     try:
         assert [e.base_url for e in fresh.endpoints] == ["http://gpu3:8791/v1", "http://gpu2:8000/v1"]
+        # The last extra server removed: one server is not routed, and no longer probed by the router (it
+        # logged "left the rotation" for a Local server stopped for being idle).
+        from vllm_control.services import delete_model_server
+
+        await sync_to_async(lambda: delete_model_server(server=ModelServer.objects.get()))()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert fresh.endpoints == () and fresh.statuses() == []
     finally:
         await fresh.stop()
