@@ -234,14 +234,16 @@ def create_scan_from_upload(
     )
 
 
-def create_scan_from_path(*, owner: AbstractBaseUser, path: Path, options: dict | None = None) -> Scan:
+def create_scan_from_path(*, owner: AbstractBaseUser, path: Path, options: dict | None = None, priority: int = 0) -> Scan:
     try:
         handle = path.open("rb")
     except OSError as exc:
         raise UploadRejected(f"Cannot read {path}: {exc.strerror}.") from None
     with handle:
         spooled, sha256, size = _spool(iter(lambda: handle.read(CHUNK), b""))
-    return _store(owner=owner, spooled=spooled, sha256=sha256, size=size, original_name=path.name, options=options)
+    return _store(
+        owner=owner, spooled=spooled, sha256=sha256, size=size, original_name=path.name, options=options, priority=priority
+    )
 
 
 @dataclass(frozen=True)

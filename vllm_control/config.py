@@ -70,7 +70,7 @@ class Endpoint:
     ("server-<pk>"). `local` is set for a Local server (what its supervisor runs)."""
 
     key: str
-    name: str  # shown (credentials inside URLs are hidden where it is shown)
+    name: str  # shown and logged: never the credentials a URL may carry
     kind: EndpointKind
     base_url: str  # ends with /v1
     capacity: int  # requests it works on at once
@@ -263,6 +263,15 @@ def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) 
     return list(rows.values())
 
 
+def settings_port(row: VLMSettings, environ: Mapping[str, str] = os.environ) -> int | None:
+    """The port of the settings' own Local server (saved, else VLLM_PORT, else 8000); None when unreadable."""
+    raw = row.port if row.port is not None else environ.get("VLLM_PORT", str(DEFAULT_PORT))
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
 def endpoints_of(
     *, mode: str, base_url: str, api_key: str, local: LocalServerConfig, capacity: int, servers: Iterable[ModelServer]
 ) -> tuple[Endpoint, ...]:
@@ -270,7 +279,7 @@ def endpoints_of(
     if mode not in ("local", "external"):
         return ()
     first = Endpoint(
-        key="main", name=base_url, kind=mode, base_url=base_url, capacity=capacity, api_key=api_key,  # type: ignore[arg-type]
+        key="main", name=redact_urls(base_url), kind=mode, base_url=base_url, capacity=capacity, api_key=api_key,  # type: ignore[arg-type]
         local=local if mode == "local" else None,
     )
     endpoints = [first]
@@ -291,7 +300,7 @@ def endpoints_of(
             if not url:
                 continue
             endpoints.append(Endpoint(
-                key=f"server-{server.pk}", name=server.name or url, kind="external", base_url=url,
+                key=f"server-{server.pk}", name=server.name or redact_urls(url), kind="external", base_url=url,
                 capacity=server.capacity, api_key=server.api_key,
             ))
     return tuple(endpoints)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -7,9 +8,9 @@ from urllib.parse import urlsplit
 from django import forms
 from django.core.exceptions import ImproperlyConfigured
 
-from vllm_control.config import OptionRow, normalize_base_url, parse_signal
+from vllm_control.config import OptionRow, normalize_base_url, parse_signal, settings_port
 from vllm_control.cpu_engines import cpu_engine_support
-from vllm_control.models import CPUEngine, Mode, VLMSettings
+from vllm_control.models import CPUEngine, Mode, ModelServer, ServerKind, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
 URL_FIELDS = ("base_url", "external_base_url")
@@ -268,6 +269,9 @@ class VLMSettingsForm(forms.ModelForm):
                 data[name] = getattr(self.instance, name)
         if data.get("mode") == "external" and not data.get("external_base_url"):
             self.add_error("external_base_url", "External mode needs the server's base URL.")
+        port = data.get("port") or settings_port(VLMSettings(), os.environ)
+        if port and ModelServer.objects.filter(kind=ServerKind.LOCAL, port=port).exists():
+            self.add_error("port", f"An extra Local server (Model servers above) uses port {port}.")
         if data.get("prompt_preset") == "custom" and not (data.get("custom_prompt") or "").strip():
             self.add_error("custom_prompt", "The custom preset needs a prompt.")
         return data

@@ -230,6 +230,7 @@ class Router:
             if result.ok:
                 if entry.state != ServerState.READY:
                     logger.info("Model server %s is in the rotation.", entry.endpoint.name)
+                    entry.last_error = None  # why it was out is over (the log keeps it)
                 entry.state, entry.next_probe = ServerState.READY, now + self._health_interval
             else:
                 if entry.state == ServerState.READY:

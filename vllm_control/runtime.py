@@ -236,16 +236,19 @@ async def stop_fleet() -> None:
 
 
 def route_endpoints(config: EffectiveConfig) -> None:
-    """Let this process's router check the endpoints (the settings page shows their health)."""
-    if len(config.endpoints) > 1:
-        router().configure(config.endpoints, model=config.served_model_name, health_interval_s=config.local.health_check_interval_s)
+    """Let this process's router check the endpoints (the settings page shows their health); a router that
+    routes already follows every change (a server removed, the settings' own server changed)."""
+    routed = config.endpoints if len(config.endpoints) > 1 else ()  # one server: not routed, not probed here
+    if routed or router().endpoints:
+        router().configure(routed, model=config.served_model_name, health_interval_s=config.local.health_check_interval_s)
+    if routed:
         router().ensure_health_loop()
 
 
 def watch_endpoints(config: EffectiveConfig) -> None:
     """`route_endpoints` on the home loop, from any thread (a settings change in a sync view)."""
     loop = _loop
-    if len(config.endpoints) > 1 and _usable(loop):
+    if (len(config.endpoints) > 1 or router().endpoints) and _usable(loop):
         assert loop is not None
         loop.call_soon_threadsafe(route_endpoints, config)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from django import forms
 
-from vllm_control.config import normalize_base_url
-from vllm_control.models import ModelServer, ServerKind
+from vllm_control.config import normalize_base_url, settings_port
+from vllm_control.models import ModelServer, ServerKind, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
 
 FORM_PREFIX = "server"  # on the settings page beside the settings' own port and base URL fields
@@ -52,4 +52,6 @@ class ModelServerForm(forms.ModelForm):
             taken = ModelServer.objects.filter(kind=ServerKind.LOCAL, port=port).exclude(pk=self.instance.pk)
             if port and taken.exists():
                 self.add_error("port", "Another Local server uses this port.")
+            elif port and port == settings_port(VLMSettings.load()):
+                self.add_error("port", "The settings' own Local server uses this port (Port in the settings below).")
         return data

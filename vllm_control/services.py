@@ -23,6 +23,7 @@ def save_settings(*, row: VLMSettings) -> EffectiveConfig:
     after = resolve_config(row, servers=servers)
     row.save()
     runtime.settings_changed(old=before, new=after)
+    runtime.watch_endpoints(after)
     return after
 
 

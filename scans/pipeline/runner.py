@@ -182,7 +182,6 @@ class Runner:
         self.secrets = dict(secrets or {})
         self._max_in_flight = max_in_flight
         self._fixed_capacity = max_in_flight is not None
-        self._setting_capacity = 0  # the settings' max_in_flight (the budget with one model server)
         self._capacity = 0
         self._only: set[int] | None = None  # run_scans: the scans this runner may claim pages of
         self._tasks: dict[tuple[int, int], asyncio.Task] = {}  # (scan id, page number) -> its task
@@ -229,7 +228,7 @@ class Runner:
         if self._capacity == 0:
             if self._max_in_flight is None:
                 self._max_in_flight = (await aocr_config()).max_in_flight
-            self._capacity = self._setting_capacity = max(1, self._max_in_flight)
+            self._capacity = max(1, self._max_in_flight)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
         # Registered before the first claim, so no other runner takes this one's pages for a dead runner's.
@@ -300,8 +299,8 @@ class Runner:
         try:
             config = await _db(resolve_config)
             self._mode = config.mode
-            if not self._fixed_capacity and config.capacity:  # with several model servers, all their capacity
-                self._capacity = max(self._setting_capacity, config.capacity)
+            if not self._fixed_capacity and config.capacity:  # all the model servers' capacity, as saved now
+                self._capacity = config.capacity
             await _db(services.heartbeat_worker, worker_id=self.worker_id)
             await _db(services.recover_stale_workers, stale_after=stale_after())
             await _db(services.finish_completed_scans)

@@ -93,6 +93,9 @@ async def test_an_endpoint_taken_out_is_skipped_and_comes_back_when_its_health_c
     router._endpoints["a"].next_probe = 0  # due now (the loop would probe it within DOWN_PROBE_S)
     await router.check_now()
     assert {s.key: s.state for s in router.statuses()}["a"] == ServerState.READY
+    # Back in the rotation, its status no longer shows why it was out (found by hand: the settings page
+    # showed "ready" beside "Cannot connect to the model server ...").
+    assert {s.key: s.last_error for s in router.statuses()}["a"] is None
     assert (await router.acquire(timeout=1)).endpoint.key == "a"
     await router.stop()
 
@@ -200,3 +203,33 @@ async def eventually_async(check, timeout: float = 30.0) -> None:
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_lowered_max_in_flight_applies_to_a_running_runner(fake, owner, tmp_path, monkeypatch, settings):
+    """Found by hand: the runner started with the default 16, the settings page then set Max requests in
+    flight to 2 (one Local server of capacity 2); the runner kept sending 16 pages at once, so another
+    user's 1-page scan waited 8 s in the server's queue. The budget followed raises only (max of the two)."""
+    monkeypatch.setenv("OCRSITE_RUNNER_POLL_MS", "200")
+    settings.MEDIA_ROOT = tmp_path / "media"
+    server = fake(FAKE_VLLM_SCRIPT=json.dumps({str(n): ["hold"] for n in range(1, 7)}))
+    await sync_to_async(use_external)(server.base_url, max_in_flight=4)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 6)
+    runner = Runner()
+    run = asyncio.create_task(runner.run_scan(scan.pk))
+    await eventually(lambda: len(server.requests()) == 4)
+
+    def lower() -> None:
+        from vllm_control.models import VLMSettings
+
+        row = VLMSettings.load()
+        row.max_in_flight = 1
+        row.save()
+
+    await sync_to_async(lower)()
+    await eventually(lambda: runner._capacity == 1)
+    for marker in sorted(r["page_marker"] for r in server.requests()):
+        (server.state_dir / f"release-{marker}").touch()
+    await eventually(lambda: len(server.requests()) == 5)
+    (server.state_dir / "release").touch()
+    assert await asyncio.wait_for(run, 30) == Scan.Status.DONE

@@ -120,6 +120,17 @@ def test_queue_only_records_the_scans(tmp_path, data_dir, env):
     assert query(data_dir, "SELECT count(*) FROM scans_page WHERE scan_id = ? AND status = 'pending'", (scan_id,)) == [(2,)]
 
 
+def test_queue_sets_the_scans_priority(tmp_path, data_dir, env):
+    """Issue 14: a scan's priority can be set from the UI, the API and the CLI; `ocr --queue` had no way."""
+    pdf = make_pdf(tmp_path / "doc.pdf", 1)
+    result = manage(["ocr", str(pdf), "--queue", "--priority", "high"], env)
+    assert result.returncode == 0, result.stderr
+    scan_id = int(result.stdout.split()[0])
+    assert query(data_dir, "SELECT priority FROM scans_scan WHERE id = ?", (scan_id,)) == [(1,)]
+    refused = manage(["ocr", str(pdf), "--queue", "--priority", "top"], env)
+    assert refused.returncode != 0 and "--priority" in refused.stderr
+
+
 def test_failed_pages_exit_1_and_can_be_retried(tmp_path, data_dir, env):
     pdf = make_pdf(tmp_path / "doc.pdf", 3)
     out = tmp_path / "out"

@@ -159,3 +159,113 @@ def test_the_settings_page_lists_the_servers_and_never_renders_their_keys(staff_
     assert "A Local server needs its own port." in local.content.decode()
     staff_client.post(f"/settings/servers/{server.pk}/delete/")
     assert not ModelServer.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_credentials_inside_a_servers_url_never_reach_the_log(caplog):
+    """Found by hand: "Model server http://user:pw@host/v1 is in the rotation." was logged for the settings'
+    own External URL and for an extra server without a name."""
+    from vllm_control.external import ProbeResult
+    from vllm_control.router import NoEndpointAvailable, Router
+
+    def configure():
+        row = VLMSettings.load()
+        row.mode, row.external_base_url = "external", "http://user:hunter2pw@gpu1:8000/v1"
+        row.save()
+        ModelServer.objects.create(kind="external", base_url="http://bob:s3cretpw@gpu2:8000/v1", capacity=2)
+        return resolve_config(environ={})
+
+    config = await sync_to_async(configure)()
+    assert [e.base_url for e in config.endpoints] == ["http://user:hunter2pw@gpu1:8000/v1", "http://bob:s3cretpw@gpu2:8000/v1"]
+    healthy = {"main"}
+
+    async def probe(endpoint, model):
+        ok = endpoint.key in healthy
+        return ProbeResult(ok, ok, not ok, None if ok else f"Cannot connect to {endpoint.name}.")
+
+    router = Router(probe=probe)
+    router.configure(config.endpoints, model=config.served_model_name)
+    with caplog.at_level("INFO"):
+        await router.check_now()
+        healthy.clear()
+        router._endpoints["main"].next_probe = 0.0
+        await router.check_now()
+        with pytest.raises(NoEndpointAvailable) as refused:
+            await router.acquire(timeout=0)
+    await router.stop()
+    shown = caplog.text + str(refused.value) + json.dumps([s.name for s in router.statuses()])
+    assert "in the rotation" in caplog.text
+    assert "hunter2pw" not in shown and "s3cretpw" not in shown
+
+
+@pytest.mark.django_db
+def test_an_extra_local_server_cannot_take_the_settings_servers_port(monkeypatch):
+    """Found by hand: a Local server on the settings' port (8000) was saved; in Local mode the settings'
+    supervisor then found the port locked by its own process, only watched the extra server ("Another
+    ocrsite process supervises vLLM on port 8000") and the router counted that one server twice."""
+    from vllm_control.forms import VLMSettingsForm
+    from vllm_control.server_forms import FORM_PREFIX, ModelServerForm
+
+    monkeypatch.delenv("VLLM_PORT", raising=False)
+    row = VLMSettings.load()
+    row.mode = "local"
+    row.save()
+    data = {f"{FORM_PREFIX}-{k}": v for k, v in {"kind": "local", "port": "8000", "capacity": "4", "enabled": "on"}.items()}
+    form = ModelServerForm(data, instance=ModelServer(), prefix=FORM_PREFIX)
+    assert not form.is_valid()
+    assert "port" in form.errors
+
+    ModelServer.objects.create(kind="local", port=8001, capacity=4)
+    settings_form = VLMSettingsForm(instance=row)
+    posted = {name: value for name, value in settings_form.initial.items() if value is not None}
+    posted.update(mode="local", port="8001")
+    settings_form = VLMSettingsForm(posted, instance=VLMSettings.load())
+    assert not settings_form.is_valid()
+    assert "port" in settings_form.errors
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_saving_the_settings_points_the_router_at_the_new_settings_server(monkeypatch):
+    """Found by hand: with an extra server, changing the settings' own server (External URL 8000 -> 8791)
+    left the router probing the old one: "Model server http://127.0.0.1:8000/v1 left the rotation" was
+    logged after the change, the settings page showed the new URL "unhealthy" with the old URL's error
+    (the live event), then "not checked yet" until a page was read."""
+    import asyncio
+
+    from vllm_control import router as router_module
+    from vllm_control.external import ProbeResult
+    from vllm_control.router import Router
+    from vllm_control.services import save_settings
+
+    async def probe(endpoint, model):
+        return ProbeResult(True, True, False)
+
+    fresh = Router(probe=probe)
+    monkeypatch.setattr(router_module, "_router", fresh)
+    runtime.bind_loop()
+
+    def configure(url):
+        row = VLMSettings.load()
+        row.mode, row.external_base_url = "external", url
+        save_settings(row=row)
+        return resolve_config()
+
+    await sync_to_async(ModelServer.objects.create)(kind="external", base_url="http://gpu2:8000/v1", capacity=2)
+    runtime.route_endpoints(await sync_to_async(configure)("http://gpu1:8000/v1"))
+    assert fresh.endpoints[0].base_url == "http://gpu1:8000/v1"
+
+    await sync_to_async(configure)("http://gpu3:8791/v1")
+    for _ in range(5):
+        await asyncio.sleep(0)
+    try:
+        assert [e.base_url for e in fresh.endpoints] == ["http://gpu3:8791/v1", "http://gpu2:8000/v1"]
+        # The last extra server removed: one server is not routed, and no longer probed by the router (it
+        # logged "left the rotation" for a Local server stopped for being idle).
+        from vllm_control.services import delete_model_server
+
+        await sync_to_async(lambda: delete_model_server(server=ModelServer.objects.get()))()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert fresh.endpoints == () and fresh.statuses() == []
+    finally:
+        await fresh.stop()

@@ -25,6 +25,8 @@ from scans.pipeline.languages import LanguageError, installed_languages, validat
 from scans.uploads import create_scan_from_path, judge
 from vllm_control.config import normalize_base_url
 
+PRIORITIES = {priority.name.lower(): priority.value for priority in Scan.Priority}  # low, normal, high, urgent
+
 
 def positive_int(raw: str) -> int:
     value = int(raw)
@@ -61,6 +63,10 @@ class Command(BaseCommand):
         )
         parser.add_argument("--user", help="owner of the recorded scans (default: the first superuser)")
         parser.add_argument("--queue", action="store_true", help="only record the scans as queued and print their ids")
+        parser.add_argument(
+            "--priority", choices=PRIORITIES, default="normal",
+            help="the queued scans' share of the runners: low, normal (default), high (4x) or urgent (16x)",
+        )
         parser.add_argument("--retry-failed", type=int, metavar="SCAN_ID", help="retry the failed pages of a scan")
 
     def handle(self, *args, **opts) -> None:
@@ -103,7 +109,9 @@ class Command(BaseCommand):
             except batch.OwnerNotFound as exc:
                 raise CommandError(str(exc)) from None
             for name in files:
-                judged = judge(name, lambda: create_scan_from_path(owner=owner, path=Path(name), options=options))
+                judged = judge(name, lambda: create_scan_from_path(
+                    owner=owner, path=Path(name), options=options, priority=PRIORITIES[opts["priority"]]
+                ))
                 if judged.scan is None:
                     rejected += 1
                     self.stderr.write(f"{name}: {judged.error}")
