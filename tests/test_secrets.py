@@ -35,8 +35,9 @@ from vllm_control import events, runtime
 from vllm_control.external import probe, verify_external
 from vllm_control.errors import ModelServerUnavailable
 from vllm_control.forms import VLMSettingsForm
-from vllm_control.models import VLMSettings
+from vllm_control.models import ModelServer, VLMSettings
 from vllm_control.redaction import keep_hidden_credentials, redact_urls
+from vllm_control.server_forms import ModelServerForm
 from vllm_control.supervisor import Supervisor
 
 PASSWORD = "url-password"
@@ -139,13 +140,15 @@ def test_settings_page_shows_hidden_credentials_and_keeps_them(client, staff_use
     page = client.get("/settings/").content.decode()
     assert PASSWORD not in page and f'value="http://***@127.0.0.1:{port}/v1"' in page
 
-    # Submitted as shown: the saved credentials stay; on another host, they move with it.
+    # Submitted as shown: the saved credentials stay, on the same server only; another host must be given
+    # its own (they would otherwise go to any host typed in by someone who cannot read them).
     unchanged = form_data(mode="external")
     assert unchanged["external_base_url"] == f"http://***@127.0.0.1:{port}/v1"
     assert client.post("/settings/", unchanged).status_code == 302
     assert VLMSettings.load().external_base_url == with_credentials(port)
-    client.post("/settings/", form_data(mode="external", external_base_url="http://***@gpu-box:9000"))
-    assert VLMSettings.load().external_base_url == f"http://ocr:{PASSWORD}@gpu-box:9000/v1"
+    moved = client.post("/settings/", form_data(mode="external", external_base_url="http://***@gpu-box:9000"))
+    assert moved.status_code == 200 and "type them again for another server" in moved.content.decode()
+    assert VLMSettings.load().external_base_url == with_credentials(port)
 
     tested = client.post("/settings/server/test/").json()
     assert PASSWORD not in json.dumps(tested)
@@ -264,3 +267,34 @@ def test_a_per_scan_key_and_url_credentials_stay_out_of_what_is_shown(user, staf
     # The runner still reads what was stored.
     options = ScanOptions.from_scan(scan.options)
     assert (options.api_key, options.base_url) == ("sk-SCAN-SECRET", with_credentials(8000))
+
+
+@pytest.mark.django_db
+def test_a_saved_local_key_stays_with_the_local_server():
+    row = VLMSettings.load()
+    row.mode, row.local_api_key = "local", "sk-LOCAL"
+    row.save()
+    kept = VLMSettingsForm(form_data(mode="local", local_api_key=""), instance=VLMSettings.load())
+    assert kept.is_valid(), kept.errors
+    assert kept.cleaned_data["local_api_key"] == "sk-LOCAL"
+    moved = VLMSettingsForm(
+        form_data(mode="local", base_url="http://elsewhere.example:8000/v1", local_api_key=""), instance=VLMSettings.load()
+    )
+    assert not moved.is_valid()
+    assert moved.errors["local_api_key"] == ["The saved key belongs to the saved server: type it again for this URL, or tick Clear."]
+    retyped = VLMSettingsForm(
+        form_data(mode="local", base_url="http://elsewhere.example:8000/v1", local_api_key="sk-LOCAL"), instance=VLMSettings.load()
+    )
+    assert retyped.is_valid(), retyped.errors
+
+
+@pytest.mark.django_db
+def test_an_extra_servers_saved_key_stays_with_its_server():
+    server = ModelServer.objects.create(kind="external", base_url="http://gpu-a:8000/v1", api_key="sk-A", capacity=4)
+    fields = {"name": "", "kind": "external", "api_key": "", "port": "", "cuda_visible_devices": "", "capacity": "4", "enabled": "on"}
+    same = ModelServerForm({**fields, "base_url": "http://gpu-a:8000/v1"}, instance=server)
+    assert same.is_valid(), same.errors
+    assert same.cleaned_data["api_key"] == "sk-A"
+    other = ModelServerForm({**fields, "base_url": "http://gpu-b:8000/v1"}, instance=ModelServer.objects.get(pk=server.pk))
+    assert not other.is_valid()
+    assert "type it again" in other.errors["api_key"][0]

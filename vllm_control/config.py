@@ -197,7 +197,7 @@ def _idle_timeout_s(minutes: str) -> float | None:
     return value * 60.0 if value else None
 
 
-def _local_base_url(protocol: str, host: str, port: int) -> str:
+def local_base_url(protocol: str, host: str, port: int) -> str:
     connect_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     if ":" in connect_host and not connect_host.startswith("["):
         connect_host = f"[{connect_host}]"
@@ -247,7 +247,7 @@ def describe_options(row: VLMSettings, environ: Mapping[str, str] = os.environ) 
     derived("served_model_name", rows["model"].value, "the model id")
     if not rows["base_url"].value:
         port = _int(rows["port"].value, "VLLM_PORT")
-        derived("base_url", _local_base_url(rows["protocol"].value, rows["host"].value, port), "from protocol, host and port")
+        derived("base_url", local_base_url(rows["protocol"].value, rows["host"].value, port), "from protocol, host and port")
     if not row.mode:
         mode = _automatic_mode(rows["vllm_bin"].value, normalize_base_url(row.external_base_url))
         why = {
@@ -289,7 +289,7 @@ def endpoints_of(
         if server.kind == ServerKind.LOCAL:
             if not server.port:
                 continue
-            url = _local_base_url(local.protocol, local.host, server.port)
+            url = local_base_url(local.protocol, local.host, server.port)
             config = replace(local, port=server.port, base_url=url, cuda_visible_devices=server.cuda_visible_devices.strip())
             endpoints.append(Endpoint(
                 key=f"server-{server.pk}", name=server.name or url, kind="local", base_url=url,

@@ -8,10 +8,10 @@ from urllib.parse import urlsplit
 from django import forms
 from django.core.exceptions import ImproperlyConfigured
 
-from vllm_control.config import OptionRow, normalize_base_url, parse_signal, settings_port
+from vllm_control.config import DEFAULT_PORT, OptionRow, local_base_url, normalize_base_url, parse_signal, settings_port
 from vllm_control.cpu_engines import cpu_engine_support
 from vllm_control.models import CPUEngine, Mode, ModelServer, ServerKind, VLMSettings
-from vllm_control.redaction import keep_hidden_credentials, redact_urls
+from vllm_control.redaction import keep_hidden_credentials, redact_urls, saved_key_for
 
 URL_FIELDS = ("base_url", "external_base_url")
 
@@ -127,6 +127,14 @@ def _check_http_url(value: str) -> None:
         raise forms.ValidationError("Enter an http:// or https:// URL with a valid port.") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise forms.ValidationError("Enter an http:// or https:// URL.")
+
+
+def _local_url(values: dict) -> str:
+    """Where Test connection and the runner reach the Local server, from these field values (blank ones
+    compare alike: the environment is the same on both sides of a comparison)."""
+    if values.get("base_url"):
+        return values["base_url"]
+    return local_base_url(values.get("protocol") or "http", values.get("host") or "", values.get("port") or DEFAULT_PORT)
 
 
 class VLMSettingsForm(forms.ModelForm):
@@ -267,6 +275,17 @@ class VLMSettingsForm(forms.ModelForm):
                 data[name] = ""
             elif not data.get(name):
                 data[name] = getattr(self.instance, name)
+        # A saved key left blank goes only to the server it was saved for.
+        targets = {
+            "external_api_key": (data.get("external_base_url", ""), self.instance.external_base_url),
+            "local_api_key": (_local_url(data), _local_url(self.instance.__dict__)),
+        }
+        for key, (url, saved_url) in targets.items():
+            if data.get(key) and not data.get(f"clear_{key}") and not self.data.get(self.add_prefix(key)):
+                try:
+                    saved_key_for(url, saved_url, data[key])
+                except ValueError as exc:
+                    self.add_error(key, str(exc))
         if data.get("mode") == "external" and not data.get("external_base_url"):
             self.add_error("external_base_url", "External mode needs the server's base URL.")
         port = data.get("port") or settings_port(VLMSettings(), os.environ)

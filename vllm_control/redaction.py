@@ -17,9 +17,25 @@ def redact_urls(text: str) -> str:
     return _USERINFO.sub(rf"\1{HIDDEN}@", text) if "@" in text else text
 
 
+def same_server(url: str, other: str) -> bool:
+    """Whether two URLs name the same server (scheme, host and port; RFC 6454's origin), which is where a
+    saved credential may be sent again without being typed anew. Two blank URLs are the same server."""
+    if not url.strip() or not other.strip():
+        return not url.strip() and not other.strip()
+    try:
+        a, b = urlsplit(url.strip()), urlsplit(other.strip())
+        default = {"http": 80, "https": 443}
+        return (a.scheme.lower(), a.hostname, a.port or default.get(a.scheme.lower())) == (
+            b.scheme.lower(), b.hostname, b.port or default.get(b.scheme.lower())
+        )
+    except ValueError:
+        return False
+
+
 def keep_hidden_credentials(submitted: str, saved: str) -> str:
     """A URL edited in a form that showed `redact_urls(saved)`: `***` as its credentials means "keep the
-    saved ones". Raises ValueError when there are none to keep."""
+    saved ones", for the same server only (the credentials are never sent to another host). Raises
+    ValueError when there are none to keep, or the URL names another server."""
     parts = urlsplit(submitted)
     userinfo, at, host = parts.netloc.rpartition("@")
     if not at or userinfo != HIDDEN:
@@ -27,4 +43,17 @@ def keep_hidden_credentials(submitted: str, saved: str) -> str:
     saved_userinfo, saved_at, _ = urlsplit(saved).netloc.rpartition("@")
     if not saved_at:
         raise ValueError(f"There are no saved credentials to keep: replace {HIDDEN} with the user name and password.")
+    if not same_server(submitted, saved):
+        raise ValueError(
+            f"The saved credentials belong to {redact_urls(saved)}: type them again for another server "
+            f"(replace {HIDDEN} with the user name and password)."
+        )
     return urlunsplit(parts._replace(netloc=f"{saved_userinfo}@{host}"))
+
+
+def saved_key_for(url: str, saved_url: str, saved_key: str) -> str:
+    """The saved API key a form left blank, for the same server only: raises ValueError when `url` names
+    another server than the one the key was saved for (the key would go to it)."""
+    if saved_key and not same_server(url, saved_url):
+        raise ValueError("The saved key belongs to the saved server: type it again for this URL, or tick Clear.")
+    return saved_key

@@ -7,7 +7,7 @@ from django import forms
 
 from vllm_control.config import normalize_base_url, settings_port
 from vllm_control.models import ModelServer, ServerKind, VLMSettings
-from vllm_control.redaction import keep_hidden_credentials, redact_urls
+from vllm_control.redaction import keep_hidden_credentials, redact_urls, saved_key_for
 
 FORM_PREFIX = "server"  # on the settings page beside the settings' own port and base URL fields
 FIELDS = ("name", "kind", "base_url", "api_key", "port", "cuda_visible_devices", "capacity", "enabled")
@@ -45,8 +45,11 @@ class ModelServerForm(forms.ModelForm):
         data = super().clean()
         if data.get("clear_api_key"):
             data["api_key"] = ""
-        elif not data.get("api_key"):
-            data["api_key"] = self.instance.api_key
+        elif not data.get("api_key") and "base_url" in data:
+            try:
+                data["api_key"] = saved_key_for(data["base_url"], self.instance.base_url, self.instance.api_key)
+            except ValueError as exc:
+                self.add_error("api_key", str(exc))
         if data.get("kind") == ServerKind.LOCAL:
             port = data.get("port")
             taken = ModelServer.objects.filter(kind=ServerKind.LOCAL, port=port).exclude(pk=self.instance.pk)

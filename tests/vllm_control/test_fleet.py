@@ -76,6 +76,7 @@ async def test_two_local_servers_run_each_on_its_port_with_its_gpus(clean_fleet,
         return resolve_config()
 
     config = await sync_to_async(configure)()
+    runtime.bind_loop()  # as the lifespan does: the supervisors live on this loop, not an earlier test's
     await runtime.ensure_ready(config)  # several servers: starts them all, waits for none
     main = runtime.get_supervisor()
     (second,) = runtime.fleet_supervisors().values()

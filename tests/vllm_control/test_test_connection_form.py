@@ -67,7 +67,7 @@ def test_a_wrong_url_gives_a_clear_error(staff_client) -> None:
 def test_a_blank_key_means_the_saved_key_and_no_key_reaches_the_answer(staff_client, fake_server) -> None:
     port = fake_server(free_port(), "--api-key", "sk-SAVED-KEY")
     row = VLMSettings.load()
-    row.external_api_key = "sk-SAVED-KEY"
+    row.external_base_url, row.external_api_key = f"http://127.0.0.1:{port}/v1", "sk-SAVED-KEY"
     row.save()
 
     kept = staff_client.post(TEST_URL, external_form(port))
@@ -81,6 +81,30 @@ def test_a_blank_key_means_the_saved_key_and_no_key_reaches_the_answer(staff_cli
     assert VLMSettings.load().external_api_key == "sk-SAVED-KEY"
 
 
+def test_a_saved_key_is_never_sent_to_another_server(staff_client, fake_server) -> None:
+    """The form shows no secret, so a blank key may only mean the saved one for the server it was saved for:
+    otherwise anyone allowed to edit the settings could read it by testing (or saving) a URL of their own."""
+    saved_port = fake_server(free_port(), "--api-key", "sk-SAVED-KEY")
+    other_port = fake_server(free_port(), "--api-key", "sk-SAVED-KEY")  # would answer if it got the key
+    row = VLMSettings.load()
+    row.external_base_url, row.external_api_key = f"http://127.0.0.1:{saved_port}/v1", "sk-SAVED-KEY"
+    row.save()
+
+    elsewhere = staff_client.post(TEST_URL, external_form(other_port))
+    assert elsewhere.status_code == 400
+    assert elsewhere.json()["errors"]["external_api_key"] == [
+        "The saved key belongs to the saved server: type it again for this URL, or tick Clear."
+    ]
+    typed = staff_client.post(TEST_URL, external_form(other_port, external_api_key="sk-SAVED-KEY"))
+    assert typed.json()["ok"] is True
+    same_server = staff_client.post(TEST_URL, external_form(saved_port, external_base_url=f"http://127.0.0.1:{saved_port}/v1/"))
+    assert same_server.json()["ok"] is True
+
+    saving = staff_client.post("/settings/", {**external_form(other_port), "model": MODEL})
+    assert saving.status_code == 200 and "The saved key belongs to the saved server" in saving.content.decode()
+    assert VLMSettings.load().external_base_url == f"http://127.0.0.1:{saved_port}/v1"
+
+
 def test_a_url_shown_with_hidden_credentials_keeps_the_saved_ones(staff_client, fake_server) -> None:
     port = fake_server(free_port())
     row = VLMSettings.load()
@@ -91,8 +115,9 @@ def test_a_url_shown_with_hidden_credentials_keeps_the_saved_ones(staff_client, 
     assert body["ok"] is True and body["base_url"] == f"http://***@127.0.0.1:{port}/v1"
     assert "url-password" not in answer.content.decode()
 
-    without_saved = staff_client.post(TEST_URL, external_form(port, external_base_url=f"http://***@127.0.0.1:{free_port()}/v1"))
-    assert without_saved.status_code == 200  # the saved credentials move to the new host, as on save
+    elsewhere = staff_client.post(TEST_URL, external_form(port, external_base_url=f"http://***@127.0.0.1:{free_port()}/v1"))
+    assert elsewhere.status_code == 400  # the saved credentials never go to another server
+    assert "type them again for another server" in elsewhere.json()["errors"]["external_base_url"][0]
 
 
 def test_local_mode_tests_the_local_server_when_it_runs(staff_client, fake_server, monkeypatch) -> None:

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from django.core.management.base import BaseCommand
 
-from vllm_control.config import LocalServerConfig, _local_base_url, resolve_config
+from vllm_control.config import LocalServerConfig, local_base_url, resolve_config
 from vllm_control.status import ServerState, ServerStatus
 from vllm_control.supervisor import Supervisor
 
@@ -83,7 +83,7 @@ class Command(BaseCommand):
             changes["model"] = options["model"]
             changes.setdefault("served_model_name", options["model"])
         if "port" in changes or "host" in changes:
-            changes["base_url"] = _local_base_url(config.protocol, changes.get("host", config.host), changes.get("port", config.port))
+            changes["base_url"] = local_base_url(config.protocol, changes.get("host", config.host), changes.get("port", config.port))
         return replace(config, **changes)
 
     @staticmethod
