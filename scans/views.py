@@ -39,11 +39,18 @@ def upload(request: HttpRequest) -> HttpResponse:
     an unexpected one, logged with its traceback) never costs the others."""
     if request.method == "POST":
         files = request.FILES.getlist("files")
-        if not files:
+        priority = request.POST.get("priority", str(Scan.Priority.NORMAL))
+        if priority not in {str(value) for value in Scan.Priority.values}:
+            messages.error(request, "Choose a priority from the list.")
+            files = []
+        elif not files:
             messages.error(request, "Choose at least one file to upload.")
         created = []
         for uploaded in files:
-            judged = judge(uploaded.name, lambda: create_scan_from_upload(owner=request.user, uploaded_file=uploaded))
+            judged = judge(
+                uploaded.name,
+                lambda: create_scan_from_upload(owner=request.user, uploaded_file=uploaded, priority=int(priority)),
+            )
             if judged.scan is None:
                 messages.error(request, f"{uploaded.name}: {judged.error}")
                 continue
@@ -55,7 +62,8 @@ def upload(request: HttpRequest) -> HttpResponse:
         if created and len(created) == len(files):
             return redirect("scans:detail", scan_id=created[0].pk) if len(created) == 1 else redirect("scans:list")
     limits = {"max_files": settings.OCRSITE_MAX_UPLOAD_FILES, "max_request_mb": settings.OCRSITE_MAX_UPLOAD_REQUEST_MB}
-    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED, **limits})
+    priorities = [(value, label) for value, label in Scan.Priority.choices]
+    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED, "priorities": priorities, **limits})
 
 
 @login_required

@@ -129,3 +129,15 @@ def test_rgba_and_grayscale_images_are_accepted(user) -> None:
     buffer = io.BytesIO()
     Image.new("LA", (50, 40)).save(buffer, format="PNG")
     assert upload(user, "gray.png", buffer.getvalue()).page_count == 1
+
+
+def test_the_upload_page_sets_the_scans_priority(alice_client, tmp_path) -> None:
+    """Issue 14: the UI sets a scan's priority, as the API and the CLI do."""
+    page = alice_client.get("/scans/upload/").content.decode()
+    assert '<select name="priority">' in page and '<option value="0" selected>Normal</option>' in page
+    pdf = make_pdf(tmp_path / "p.pdf", 1).read_bytes()
+    alice_client.post("/scans/upload/", {"files": [SimpleUploadedFile("p.pdf", pdf)], "priority": "1"})
+    assert Scan.objects.get().priority == Scan.Priority.HIGH
+    refused = alice_client.post("/scans/upload/", {"files": [SimpleUploadedFile("q.pdf", pdf)], "priority": "9"}, follow=True)
+    assert "Choose a priority from the list." in refused.content.decode()
+    assert Scan.objects.count() == 1
