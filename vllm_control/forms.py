@@ -64,11 +64,11 @@ def modes_of(section: str, name: str | None = None) -> ModeSet:
 
 
 @dataclass(frozen=True)
-class FieldRow:
-    field: forms.BoundField
-    option: OptionRow | None
+class _ModeScoped:
+    """Something on the page that applies to some modes (`modes`), shown for the chosen `mode`."""
+
     modes: ModeSet
-    mode: str  # the chosen mode
+    mode: str
 
     @property
     def applies(self) -> bool:
@@ -84,23 +84,15 @@ class FieldRow:
 
 
 @dataclass(frozen=True)
-class SectionRow:
+class FieldRow(_ModeScoped):
+    field: forms.BoundField
+    option: OptionRow | None
+
+
+@dataclass(frozen=True)
+class SectionRow(_ModeScoped):
     title: str
     rows: list[FieldRow]
-    modes: ModeSet
-    mode: str
-
-    @property
-    def applies(self) -> bool:
-        return self.mode in self.modes
-
-    @property
-    def modes_attr(self) -> str:
-        return " ".join(sorted(self.modes))
-
-    @property
-    def not_applicable_note(self) -> str:
-        return f"not used in {MODE_NAMES.get(self.mode, self.mode)} mode"
 
 
 def layout(form: forms.BaseForm, options: list[OptionRow], mode: str) -> list[SectionRow]:
@@ -112,8 +104,10 @@ def layout(form: forms.BaseForm, options: list[OptionRow], mode: str) -> list[Se
         for name in names:  # the help block under each field also says the value in use
             widget = form.fields[name].widget
             widget.attrs.setdefault("aria-describedby", f"{form[name].auto_id}_helptext")
-        rows = [FieldRow(form[name], described.get(name), modes_of(title, name), mode) for name in names]
-        sections.append(SectionRow(title, rows, modes_of(title), mode))
+        rows = [
+            FieldRow(field=form[name], option=described.get(name), modes=modes_of(title, name), mode=mode) for name in names
+        ]
+        sections.append(SectionRow(title=title, rows=rows, modes=modes_of(title), mode=mode))
     return sections
 
 

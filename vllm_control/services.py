@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, resolve_config
 from vllm_control.models import ModelServer, VLMSettings
@@ -27,21 +29,21 @@ def save_settings(*, row: VLMSettings) -> EffectiveConfig:
     return after
 
 
-def save_model_server(*, server: ModelServer) -> EffectiveConfig:
-    """Save an extra model server (validated, e.g. by ModelServerForm) and apply the change: its Local
-    server is started, restarted or stopped with the others, and the routers see it at their next page."""
+def _apply(change: Callable[[], object]) -> EffectiveConfig:
+    """Make `change` to the model servers and apply it: Local servers are started, restarted or stopped,
+    and the routers see the new endpoints at their next page."""
     before = resolve_config()
-    server.save()
+    change()
     after = resolve_config()
     runtime.settings_changed(old=before, new=after)
     runtime.watch_endpoints(after)
     return after
+
+
+def save_model_server(*, server: ModelServer) -> EffectiveConfig:
+    """Save an extra model server (validated, e.g. by ModelServerForm) and apply the change."""
+    return _apply(server.save)
 
 
 def delete_model_server(*, server: ModelServer) -> EffectiveConfig:
-    before = resolve_config()
-    server.delete()
-    after = resolve_config()
-    runtime.settings_changed(old=before, new=after)
-    runtime.watch_endpoints(after)
-    return after
+    return _apply(server.delete)
