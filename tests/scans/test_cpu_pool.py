@@ -80,8 +80,18 @@ async def test_no_more_jobs_run_than_slots_and_the_rest_start_in_order():
     assert (pool.running, pool.waiting) == (2, 4)
     gate.release.set()
     assert await asyncio.gather(*tasks) == list(range(6))
-    assert sorted(gate.started[:2]) == [0, 1] and gate.started[2:] == [2, 3, 4, 5]
+    # Two slots run two jobs at once, so the later ones may record their start in either order.
+    assert sorted(gate.started[:2]) == [0, 1] and sorted(gate.started[2:]) == [2, 3, 4, 5]
     assert (pool.running, pool.waiting, pool.started) == (0, 0, 6)
+
+    # With one slot, the waiting jobs start exactly in the order they came.
+    single = CPUPool(1)
+    gate = Gate(asyncio.get_running_loop())
+    tasks = [asyncio.create_task(single.run(gate.job, n)) for n in range(6)]
+    await gate.until(lambda: len(gate.started) == 1)
+    gate.release.set()
+    assert await asyncio.gather(*tasks) == list(range(6))
+    assert gate.started == [0, 1, 2, 3, 4, 5]
 
 
 async def test_a_failing_job_frees_its_slot():
