@@ -123,6 +123,7 @@ class ScanListItem(TypedDict):
     failed: int
     created_at: str
     url: str
+    waiting_for_server: bool  # as in Totals
 
 
 class ScanSnapshotEvent(TypedDict):
@@ -255,6 +256,7 @@ def list_item(scan: Scan, counts: PageCounts, owner_name: str) -> ScanListItem:
         failed=counts.failed,
         created_at=scan.created_at.isoformat(),
         url=detail_url(scan.pk),
+        waiting_for_server=scan.waiting_for_server and not scan.is_finished,
     )
 
 

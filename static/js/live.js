@@ -299,7 +299,10 @@
       const status = document.createElement("span");
       status.className = "status";
       status.dataset.field = "status";
-      cell(row).appendChild(status);
+      const waiting = document.createElement("small");
+      waiting.dataset.field = "waiting";
+      waiting.textContent = "waiting for the model server";
+      cell(row).append(status, " ", waiting);
       const pages = cell(row);
       const bar = document.createElement("progress");
       bar.dataset.field = "progress";
@@ -325,6 +328,7 @@
       const status = field(row, "status");
       setText(status, item.status_label);
       setStatusClass(status, item.status);
+      field(row, "waiting").hidden = !item.waiting_for_server;
       const bar = field(row, "progress");
       if (bar) {
         bar.max = item.page_count;

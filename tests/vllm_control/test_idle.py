@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 
-from scans import selectors
+from scans import events, selectors
 from scans.models import Page, Scan
 from scans.pipeline.runner import Runner
 from scans.uploads import create_scan_from_path
@@ -199,6 +199,8 @@ async def test_the_scan_says_it_waits_for_the_idle_server(idle_supervisor, port,
     assert supervisor.state == ServerState.STARTING
     totals = await sync_to_async(selectors.scan_totals)(await Scan.objects.aget(pk=scan.pk))
     assert totals["waiting_for_server"] is True
+    listed = await sync_to_async(lambda: events.list_item(Scan.objects.get(pk=scan.pk), selectors.scan_counts(scan), ""))()
+    assert listed["waiting_for_server"] is True  # the scan list says so too
     gate.touch()
     assert await asyncio.wait_for(run, 60) == Scan.Status.DONE
     scan = await Scan.objects.aget(pk=scan.pk)
