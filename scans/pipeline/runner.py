@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 
 COMMIT_WINDOW_S = 0.004  # results arriving this close together share one transaction
 COMMIT_BATCH = 64
-MAX_CACHED_SCANS = 64
-SERVER_WAIT_NOTICE_S = 0.2  # a scan waiting longer than this for the model server says so  # scans whose engine, options and open document are kept between pages
+MAX_CACHED_SCANS = 64  # scans whose engine, options and open document are kept between pages
+SERVER_WAIT_NOTICE_S = 0.2  # a scan waiting longer than this for the model server says so
 
 PageCallback = Callable[[Page], Awaitable[None]]
 
