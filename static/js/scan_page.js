@@ -179,7 +179,7 @@
       image.src = link.href;
       part("title").textContent = `Page ${link.dataset.page}`;
       part("open").href = link.href;
-      part("scale").textContent = "";
+      applyZoom(); // fitted from its first frame; the scale shows once the image has loaded
       dialog.showModal();
       part("area").focus();
     });

@@ -94,6 +94,8 @@ def test_zoom_rendered_or_raw_copy_and_moving_between_pages(page, server, tmp_pa
     dialog = page.locator("#zoom")
     assert dialog.is_visible() and page.locator("#zoom-title").inner_text() == "Page 1"
     page.wait_for_function("() => document.querySelector('#zoom img').naturalHeight > 0")
+    # The scale is shown once the loaded image is fitted (its load event may come after naturalHeight).
+    page.wait_for_function("() => document.querySelector('#zoom [data-field=scale]').textContent !== ''")
     natural = page.evaluate("document.querySelector('#zoom img').naturalHeight")
     assert natural == 3000 and shown == 1400
     fit = page.evaluate("document.querySelector('#zoom img').getBoundingClientRect().width")
