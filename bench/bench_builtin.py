@@ -53,9 +53,7 @@ from tests.scans import ocr_corpus as corpus  # noqa: E402
 
 
 def make_pages(folder: Path, count: int) -> tuple[list[PageImage], list[str]]:
-    paragraphs = corpus.PARAGRAPHS
-    layouts = [[paragraphs[0:5]], [paragraphs[5:10]], [paragraphs[2:6], paragraphs[6:10]]]
-    born = corpus.make_born_digital_pdf(folder / "born.pdf", [layouts[i % len(layouts)] for i in range(count)])
+    born = corpus.mixed_columns_pdf(folder / "born.pdf", count)
     scan = corpus.image_only_pdf(folder / "scan.pdf", corpus.render_pdf_pages(born, dpi=200))
     pages = [render_page_sync(scan, "application/pdf", n, longest_side=1288, image_format="png") for n in range(1, count + 1)]
     return pages, corpus.ground_truth(born)

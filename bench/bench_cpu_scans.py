@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ocrsite.settings")
 
+from markdown_table import print_table  # noqa: E402
 from tests.http_probes import file_chunks, multipart_upload, peak_rss, process_tree, running_site  # noqa: E402
 from tests.scans.ocr_corpus import PARAGRAPHS, image_only_pdf, make_born_digital_pdf, render_pdf_pages  # noqa: E402
 from tests.support import project_env, wait_until  # noqa: E402
@@ -243,14 +244,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    headers = ("benchmark", "measured", "reference", "target", "met")
-    table = [headers, *[(r.name, r.measured, r.reference, r.target, "" if r.met is None else ("yes" if r.met else "NO")) for r in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in table[1:]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+    print_table(("benchmark", "measured", "reference", "target", "met"), rows)
     print(f"\n{len(os.sched_getaffinity(0))} usable cores (claim limit {limit}), Python {sys.version.split()[0]}; "
           f"load average at the end: {os.getloadavg()[0]:.1f}.")
 

@@ -66,9 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-lines-"))
-    paragraphs = corpus.PARAGRAPHS
-    layouts = [[paragraphs[0:5]], [paragraphs[5:10]], [paragraphs[2:6], paragraphs[6:10]]]
-    born = corpus.make_born_digital_pdf(folder / "born.pdf", [layouts[i % 3] for i in range(args.pages)])
+    born = corpus.mixed_columns_pdf(folder / "born.pdf", args.pages)
     texts = corpus.ground_truth(born)
     scan = corpus.image_only_pdf(folder / "scan.pdf", corpus.render_pdf_pages(born, dpi=200), dpi=200)
     renders = [render_page_sync(scan, PDF, n, longest_side=1288, image_format="png") for n in range(1, args.pages + 1)]

@@ -81,9 +81,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-searchable-"))
-    paragraphs = corpus.PARAGRAPHS
-    layouts = [[paragraphs[0:5]], [paragraphs[5:10]], [paragraphs[2:6], paragraphs[6:10]]]
-    born = corpus.make_born_digital_pdf(folder / "born.pdf", [layouts[i % 3] for i in range(args.pages)])
+    born = corpus.mixed_columns_pdf(folder / "born.pdf", args.pages)
     texts = corpus.ground_truth(born)
     images = corpus.render_pdf_pages(born, dpi=200)
     scan_pdf = corpus.image_only_pdf(folder / "scan.pdf", images, dpi=200)

@@ -40,6 +40,7 @@ os.environ["OCRSITE_DATA_DIR"] = str(WORKDIR / "data")
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 
+from markdown_table import print_table  # noqa: E402
 from tests.fakes.pages import make_pdf  # noqa: E402
 from tests.support import FAKE_VLLM, free_port, kill_group, port_open, wait_until  # noqa: E402
 
@@ -230,14 +231,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(WORKDIR, ignore_errors=True)
 
-    headers = ("benchmark", "measured", "reference", "ratio", "target", "met")
-    table = [headers, *[(a, b, c, d, e, "" if f is None else ("yes" if f else "NO")) for a, b, c, d, e, f in rows]]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(headers))]
-    print()
-    for index, row in enumerate(table):
-        print("| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |")
-        if index == 0:
-            print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    print_table(("benchmark", "measured", "reference", "ratio", "target", "met"), rows)
 
 
 if __name__ == "__main__":

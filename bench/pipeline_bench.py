@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ocrsite.settings")
 
+from markdown_table import print_table  # noqa: E402
 from tests.fakes.pages import make_pdf  # noqa: E402
 from tests.support import FAKE_VLLM, free_port, kill_group, port_open, project_env, wait_until  # noqa: E402
 
@@ -258,14 +259,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    headers = ("benchmark", "measured", "reference", "ratio", "target", "met")
-    table = [headers, *[(r.name, r.measured, r.reference, r.ratio, r.target, "" if r.met is None else ("yes" if r.met else "NO")) for r in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for line in table[1:]:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |")
+    print_table(("benchmark", "measured", "reference", "ratio", "target", "met"), rows)
     print(f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}; pages rendered at {LONGEST_SIDE} px, PNG.")
     print(f"Load average at the end: {os.getloadavg()[0]:.1f}. (b) cannot beat the raw render rate measured in (a):"
           " below 16 pages/s, this machine's CPU, not the model server, is the limit.")

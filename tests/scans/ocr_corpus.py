@@ -154,6 +154,12 @@ def make_born_digital_pdf(
     return path
 
 
+def mixed_columns_pdf(path: Path, pages: int) -> Path:
+    """`pages` born-digital pages that take turns: one column, another column, then two columns."""
+    layouts = [[PARAGRAPHS[0:5]], [PARAGRAPHS[5:10]], [PARAGRAPHS[2:6], PARAGRAPHS[6:10]]]
+    return make_born_digital_pdf(path, [layouts[i % len(layouts)] for i in range(pages)])
+
+
 def ground_truth(pdf_path: Path) -> list[str]:
     """The text layer of every page, as pdfium extracts it."""
     pdf = pdfium.PdfDocument(str(pdf_path))
