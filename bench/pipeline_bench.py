@@ -63,14 +63,12 @@ class Row:
 
 
 async def render_all(path: Path, pages: int, on_page, concurrency: int) -> None:
-    """Render every page as the runner does (PageSource, its two render threads), `concurrency` at once."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Render every page as the runner does (PageSource, its render threads), `concurrency` at once."""
     from scans.pipeline.page_source import PageSource
-    from scans.pipeline.render import RENDER_THREADS
+    from scans.pipeline.render import render_executor
 
     slots = asyncio.Semaphore(concurrency)
-    with ThreadPoolExecutor(RENDER_THREADS) as executor:
+    with render_executor() as executor:
         source = PageSource(path, "application/pdf", longest_side=LONGEST_SIDE, image_format="png", executor=executor)
 
         async def one(number: int) -> None:

@@ -4,8 +4,9 @@ One `Runner` per process (the ASGI server's embedded runner, `manage.py ocr_work
 command), with a budget of `max_in_flight` pages. The database is the queue:
 - a free slot claims the next page chosen fairly between users and scans (`services.claim_pages`,
   `scans.scheduling`), so a small scan never waits behind a big one, and several runners share scans;
-- each page's result is committed as it arrives, grouped with the results that arrive within a few
-  milliseconds into one transaction (`_Committer`); the commit of a scan's last page finishes it;
+- each page's result is committed as it arrives; while rendering, not the model server, limits the
+  runner, it waits up to COMMIT_WINDOW_S to share one transaction with the results that follow
+  (`_Committer`); the commit of a scan's last page finishes it;
 - a heartbeat (`Worker` row) keeps this runner's claims; any runner puts the pages of a runner that
   stopped beating back to pending, and notices there that a scan was cancelled or failed elsewhere.
 An answer that has arrived is always committed: commits are shielded from cancellation, and pages are
@@ -39,7 +40,7 @@ from scans.pipeline.errors import PermanentEngineError
 from scans.pipeline.options import OCRConfig, ScanOptions, aocr_config
 from scans.pipeline.page_ocr import ocr_page_with_retries
 from scans.pipeline.page_source import PageSource
-from scans.pipeline.render import RENDER_THREADS, pdf_page_text
+from scans.pipeline.render import pdf_page_text, render_executor
 from scans.pipeline.types import Engine, PageImage, PageResult, RenderFailure
 from vllm_control import runtime
 from vllm_control.config import EffectiveConfig, aresolve_config, resolve_config
@@ -47,7 +48,10 @@ from vllm_control.errors import ModelServerUnavailable
 
 logger = logging.getLogger(__name__)
 
-COMMIT_WINDOW_S = 0.004  # results arriving this close together share one transaction
+# How long a result may wait for others to share its transaction. A transaction holds the GIL about as
+# long as the Python side of rendering a page; at a fast server's pace this groups about ten results
+# (bench/pipeline_bench.py). Live page events are then as frequent as a scan's totals (progress.PROGRESS_INTERVAL_S).
+COMMIT_WINDOW_S = 0.25
 COMMIT_BATCH = 64
 MAX_CACHED_SCANS = 64  # scans whose engine, options and open document are kept between pages
 SERVER_WAIT_NOTICE_S = 0.2  # a scan waiting longer than this for the model server says so
@@ -123,12 +127,16 @@ class _ScanWork:
 
 
 class _Committer:
-    """Groups the page results that arrive within COMMIT_WINDOW_S into one transaction."""
+    """Groups page results into transactions. Results are committed at once, except while `may_wait()`
+    (the runner has claimed pages waiting for rendering, so its slots are not what limits it): then the
+    first result waits up to COMMIT_WINDOW_S, or until COMMIT_BATCH are waiting, for others to join."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, may_wait: Callable[[], bool]) -> None:
         self.worker_id = worker_id
+        self._may_wait = may_wait
         self._pending: list[tuple[services.PageOutcomeToCommit, asyncio.Future[services.PageCommit]]] = []
         self._flusher: asyncio.Task | None = None
+        self._changed = asyncio.Event()  # a result arrived, or may_wait() may have changed
 
     def submit(
         self, scan_id: int, number: int, result: PageResult, engine: Engine | None = None
@@ -138,12 +146,24 @@ class _Committer:
         future: asyncio.Future[services.PageCommit] = asyncio.get_running_loop().create_future()
         names = (engine.name, engine.model) if engine is not None else ("", "")
         self._pending.append((services.PageOutcomeToCommit(scan_id, number, result, *names), future))
+        self._changed.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="page-commits")
         return future
 
+    def nudge(self) -> None:
+        """may_wait() may have changed: the wait may be over."""
+        self._changed.set()
+
     async def _flush(self) -> None:
-        await asyncio.sleep(COMMIT_WINDOW_S)
+        deadline = asyncio.get_running_loop().time() + COMMIT_WINDOW_S
+        while len(self._pending) < COMMIT_BATCH and self._may_wait():
+            self._changed.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait()
+            except TimeoutError:
+                break
         while self._pending:
             batch, self._pending = self._pending[:COMMIT_BATCH], self._pending[COMMIT_BATCH:]
             try:
@@ -195,7 +215,7 @@ class Runner:
         self._works: dict[WorkKey, asyncio.Future[_ScanWork]] = {}
         self._engines: dict[tuple, Engine] = {}
         self._executor: ThreadPoolExecutor | None = None
-        self._committer = _Committer(self.worker_id)
+        self._committer = _Committer(self.worker_id, may_wait=lambda: bool(self._unrendered))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -230,7 +250,7 @@ class Runner:
                 self._max_in_flight = (await aocr_config()).max_in_flight
             self._capacity = max(1, self._max_in_flight)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
+            self._executor = render_executor()
         # Registered before the first claim, so no other runner takes this one's pages for a dead runner's.
         await _db(services.heartbeat_worker, worker_id=self.worker_id)
         queue_signals.register(self)
@@ -353,6 +373,7 @@ class Runner:
         self._unrendered.discard(key)
         if not self._unrendered:  # the free slots held back for a batch can be claimed now
             self._wake.set()
+            self._committer.nudge()  # and results waiting to be grouped hold slots that are needed
 
     def _is_cpu_scan(self, options: dict) -> bool:
         return reads_on_cpu(ScanOptions.from_scan(options), mode=self._mode)
@@ -496,6 +517,7 @@ class Runner:
             self._tasks.pop((scan_id, number), None)
             self._cpu_pages.discard((scan_id, number))
             self._unrendered.discard((scan_id, number))
+            self._committer.nudge()
             if not handed_over:
                 await asyncio.shield(
                     sync_to_async(services.release_pages)(worker_id=self.worker_id, scan_id=scan_id, numbers=[number])

@@ -16,6 +16,7 @@ from scans import exports, services
 from scans.models import Page, Scan, Worker
 from scans.pipeline import runner as runner_module
 from scans.pipeline.runner import Runner
+from scans.pipeline.types import PageResult
 from tests.scans.conftest import new_scan, use_external
 from tests.scans.pipeline.helpers import MODEL
 
@@ -264,3 +265,71 @@ async def test_stopping_a_runner_puts_its_scan_back_in_the_queue(fake, owner, tm
     scan = await Scan.objects.aget(pk=scan.pk)
     assert scan.status == Scan.Status.QUEUED
     assert await Page.objects.filter(scan=scan, status=Page.Status.PENDING).acount() == 2
+
+
+# --- grouping results into transactions (runner._Committer) -----------------------------------------
+
+
+@pytest.fixture
+def committed_batches(monkeypatch) -> list[int]:
+    """The size of every transaction of page results, in order."""
+    batches: list[int] = []
+    commit = services.commit_page_results
+
+    def recording(*, worker_id, outcomes):
+        batches.append(len(outcomes))
+        return commit(worker_id=worker_id, outcomes=outcomes)
+
+    monkeypatch.setattr(services, "commit_page_results", recording)
+    return batches
+
+
+async def claimed_scan(owner, tmp_path, pages: int) -> Scan:
+    scan = await sync_to_async(new_scan)(owner, tmp_path, pages)
+    await sync_to_async(services.heartbeat_worker)(worker_id="w1")
+    claims = await sync_to_async(services.claim_pages)(worker_id="w1", slots=pages, scan_ids=[scan.pk])
+    assert len(claims) == pages
+    return scan
+
+
+def result(number: int) -> PageResult:
+    return PageResult(text=f"# PAGE {number}", input_tokens=10, output_tokens=5)
+
+
+async def test_results_wait_for_each_other_only_while_pages_wait_for_rendering(owner, tmp_path, monkeypatch, committed_batches):
+    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 3600)  # only may_wait() ends the wait here
+    scan = await claimed_scan(owner, tmp_path, 4)
+    waiting_for_rendering = True
+    committer = runner_module._Committer("w1", may_wait=lambda: waiting_for_rendering)
+
+    futures = [committer.submit(scan.pk, number, result(number)) for number in (1, 2, 3)]
+    await asyncio.sleep(0.1)
+    assert committed_batches == [] and not any(future.done() for future in futures)
+
+    waiting_for_rendering = False  # the runner's slots now limit it: the results go out at once, together
+    committer.nudge()
+    commits = await asyncio.gather(*futures)
+    assert committed_batches == [3]
+    assert [commit.page.number for commit in commits] == [1, 2, 3]
+    assert all(commit.scan_status == Scan.Status.PROCESSING for commit in commits)
+
+    # Nothing waits for rendering: a result does not wait for others (the window would time the test out).
+    last = await committer.submit(scan.pk, 4, result(4))
+    assert committed_batches == [3, 1] and last.scan_status == Scan.Status.DONE
+    pages = await pages_of(scan)
+    assert [(page.status, page.text) for page in pages] == [(Page.Status.DONE, f"# PAGE {n}") for n in range(1, 5)]
+    assert (await Scan.objects.aget(pk=scan.pk)).output_tokens == 20
+
+
+async def test_a_full_batch_and_the_window_end_the_wait(owner, tmp_path, monkeypatch, committed_batches):
+    scan = await claimed_scan(owner, tmp_path, 3)
+    committer = runner_module._Committer("w1", may_wait=lambda: True)
+
+    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 3600)
+    monkeypatch.setattr(runner_module, "COMMIT_BATCH", 2)
+    await asyncio.gather(committer.submit(scan.pk, 1, result(1)), committer.submit(scan.pk, 2, result(2)))
+    assert committed_batches == [2]
+
+    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 0.05)
+    commit = await committer.submit(scan.pk, 3, result(3))
+    assert committed_batches == [2, 1] and commit.scan_status == Scan.Status.DONE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
 import threading
 from pathlib import Path
 
@@ -143,10 +144,24 @@ def test_text_layer(tmp_path: Path) -> None:
 
 @pytest.fixture
 def executor():
-    from concurrent.futures import ThreadPoolExecutor
+    interval = sys.getswitchinterval()
+    try:
+        with render.render_executor() as pool:
+            yield pool
+    finally:
+        sys.setswitchinterval(interval)
 
-    with ThreadPoolExecutor(render.RENDER_THREADS) as pool:
-        yield pool
+
+@pytest.mark.parametrize("before", [0.005, 0.0001])
+def test_the_render_executor_shortens_the_gil_switch_interval_and_never_lengthens_it(before: float) -> None:
+    interval = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(before)
+        with render.render_executor() as pool:
+            assert pool._max_workers == render.RENDER_THREADS
+        assert sys.getswitchinterval() == pytest.approx(min(before, render.RENDER_SWITCH_INTERVAL_S), rel=0.05)  # kept in microseconds
+    finally:
+        sys.setswitchinterval(interval)
 
 
 async def test_a_page_source_renders_the_pages_asked_for(tmp_path: Path, executor) -> None:
