@@ -10,7 +10,8 @@
 (c) peak RSS of the `manage.py ocr` process for a 50-page and a 500-page PDF (target <= 400 MB, no growth).
 
 Every `manage.py ocr` run uses a fresh data directory (SQLite) and the pages/s that the command itself
-reports (from the first page sent to the last page committed, Django start-up excluded).
+reports: from the runner's start (Django's start-up excluded; the runner's own, its first claim and its
+first render included) to the last page committed.
 """
 
 from __future__ import annotations
