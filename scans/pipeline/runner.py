@@ -65,9 +65,8 @@ def _env_seconds(name: str, default_ms: int) -> float:
 
 
 def claim_batch(capacity: int) -> int:
-    """How many free slots a runner waits for before claiming while pages still wait for rendering (the
-    other half of its slots still feed the render threads meanwhile)."""
-    return max(1, capacity // 2)
+    """How many free slots a runner waits for before claiming while pages still wait for rendering."""
+    return max(1, capacity // 4)
 
 
 def poll_interval() -> float:
