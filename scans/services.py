@@ -13,7 +13,7 @@ its running pages back to pending.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -236,20 +236,15 @@ class ClaimedPage:
 
 
 def _candidates(
-    scan_ids: Collection[int] | None,
-    slots: int,
-    is_cpu_scan: Callable[[dict], bool] | None = None,
-    answered: Mapping[int, int] | None = None,
+    scan_ids: Collection[int] | None, slots: int, is_cpu_scan: Callable[[dict], bool] | None = None
 ) -> tuple[list[Candidate], dict[int, int]]:
     """The active scans with pages waiting (limited to `scan_ids` if given) and every user's pages in
-    flight: running, less the `answered` ones ({scan id: pages}, whose answers wait for their commit).
-    Cheap at any queue length: an aggregate over the running pages only, and an index seek per scan for
-    whether it has a page waiting (how many does not matter beyond `slots`)."""
+    flight. Cheap at any queue length: an aggregate over the running pages only, and an index seek per
+    scan for whether it has a page waiting (how many does not matter beyond `slots`)."""
     running_by_scan: dict[int, int] = {}
     by_owner: dict[int, int] = {}
     running = Page.objects.filter(status=Page.Status.RUNNING).values_list("scan_id", "scan__owner_id").annotate(n=Count("id"))
     for scan_id, owner, count in running.order_by():
-        count = max(0, count - (answered or {}).get(scan_id, 0))
         running_by_scan[scan_id] = count
         by_owner[owner] = by_owner.get(owner, 0) + count
     waiting = Scan.objects.filter(
@@ -281,18 +276,15 @@ def claim_pages(
     scan_ids: Collection[int] | None = None,
     cpu_slots: int | None = None,
     is_cpu_scan: Callable[[dict], bool] | None = None,
-    answered: Mapping[int, int] | None = None,
 ) -> list[ClaimedPage]:
     """Take up to `slots` pending pages for this runner, shared fairly between users and scans
     (scans.scheduling), lowest page numbers first; `scan_ids` limits the choice (the `ocr` command's
     own scans). Scans for which `is_cpu_scan(scan.options)` is true take at most `cpu_slots` of the
-    slots together. `answered` ({scan id: pages}) are this runner's running pages whose answers wait
-    for their commit: they no longer count as in flight (for fairness and a scan's `concurrency`).
-    Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
+    slots together. Each claimed page is `running`, held by `worker_id`, its first attempt recorded."""
     now = timezone.now()
     claimed: list[ClaimedPage] = []
     with transaction.atomic():
-        candidates, by_owner = _candidates(scan_ids, slots, is_cpu_scan, answered)
+        candidates, by_owner = _candidates(scan_ids, slots, is_cpu_scan)
         while slots > 0 and candidates:
             granted = allocate(slots, candidates, by_owner, cpu_slots=cpu_slots)
             taken = {}

@@ -6,7 +6,7 @@ command), with a budget of `max_in_flight` pages. The database is the queue:
   `scans.scheduling`), so a small scan never waits behind a big one, and several runners share scans;
 - each page's result is committed as it arrives; while rendering, not the model server, limits the
   runner, it waits up to COMMIT_WINDOW_S to share one transaction with the results that follow
-  (`_Committer`), and its slot takes the next page meanwhile; the commit of a scan's last page finishes it;
+  (`_Committer`); the commit of a scan's last page finishes it;
 - a heartbeat (`Worker` row) keeps this runner's claims; any runner puts the pages of a runner that
   stopped beating back to pending, and notices there that a scan was cancelled or failed elsewhere.
 An answer that has arrived is always committed: commits are shielded from cancellation, and pages are
@@ -22,7 +22,6 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -129,9 +128,8 @@ class _ScanWork:
 
 class _Committer:
     """Groups page results into transactions. Results are committed at once, except while `may_wait()`
-    (the runner has claimed pages waiting for rendering: results come as fast as pages are rendered, and
-    a transaction each would slow rendering down): then the first result waits up to COMMIT_WINDOW_S, or
-    until COMMIT_BATCH are waiting, for others to join."""
+    (the runner has claimed pages waiting for rendering, so its slots are not what limits it): then the
+    first result waits up to COMMIT_WINDOW_S, or until COMMIT_BATCH are waiting, for others to join."""
 
     def __init__(self, worker_id: str, may_wait: Callable[[], bool]) -> None:
         self.worker_id = worker_id
@@ -207,8 +205,6 @@ class Runner:
         self._capacity = 0
         self._only: set[int] | None = None  # run_scans: the scans this runner may claim pages of
         self._tasks: dict[tuple[int, int], asyncio.Task] = {}  # (scan id, page number) -> its task
-        # Of those, the pages whose answer waits for its commit: no longer in flight, their slots are free.
-        self._answered: set[tuple[int, int]] = set()
         # Of those, the pages a CPU engine reads: at most cpu.claim_limit() (the process's cores plus a
         # look-ahead), so the rest wait in the database rather than as rendered images for a core.
         self._cpu_pages: set[tuple[int, int]] = set()
@@ -354,7 +350,7 @@ class Runner:
 
     async def _claim(self) -> int:
         """Fill the free slots with pages; returns how many were claimed (-1: no slot was free)."""
-        free = self._capacity - len(self._tasks) + len(self._answered)
+        free = self._capacity - len(self._tasks)
         if free <= 0 or (self._unrendered and free < claim_batch(self._capacity)):
             return -1
         if self._only is not None and not self._only:
@@ -362,7 +358,6 @@ class Runner:
         claims = await sync_to_async(services.claim_pages)(
             worker_id=self.worker_id, slots=free, scan_ids=self._only,
             cpu_slots=max(0, claim_limit() - len(self._cpu_pages)), is_cpu_scan=self._is_cpu_scan,
-            answered=Counter(scan_id for scan_id, _ in self._answered),
         )
         for claim in claims:
             page = claim.page
@@ -378,7 +373,7 @@ class Runner:
         self._unrendered.discard(key)
         if not self._unrendered:  # the free slots held back for a batch can be claimed now
             self._wake.set()
-            self._committer.nudge()
+            self._committer.nudge()  # and results waiting to be grouped hold slots that are needed
 
     def _is_cpu_scan(self, options: dict) -> bool:
         return reads_on_cpu(ScanOptions.from_scan(options), mode=self._mode)
@@ -497,9 +492,6 @@ class Runner:
                 result = PageResult(text="", status="failed", error=exc.message)
             future = self._committer.submit(scan_id, number, result, work.engine if work else None)
             handed_over = True
-            self._answered.add((scan_id, number))
-            self._cpu_pages.discard((scan_id, number))
-            self._wake.set()  # its slot is free
             commit = await asyncio.shield(future)
             if commit.page is not None:
                 metrics.page_finished(
@@ -523,7 +515,6 @@ class Runner:
                 await asyncio.shield(self._committer.submit(scan_id, number, failure))
         finally:
             self._tasks.pop((scan_id, number), None)
-            self._answered.discard((scan_id, number))
             self._cpu_pages.discard((scan_id, number))
             self._unrendered.discard((scan_id, number))
             self._committer.nudge()

@@ -333,19 +333,3 @@ async def test_a_full_batch_and_the_window_end_the_wait(owner, tmp_path, monkeyp
     monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 0.05)
     commit = await committer.submit(scan.pk, 3, result(3))
     assert committed_batches == [2, 1] and commit.scan_status == Scan.Status.DONE
-
-
-async def test_a_page_whose_answer_waits_for_its_commit_frees_its_slot(fake, owner, tmp_path, monkeypatch, committed_batches):
-    # The only commit comes with the third answer: with one slot, pages 2 and 3 are read only if page 1's
-    # answer, waiting for that commit, no longer holds the slot.
-    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 3600)
-    monkeypatch.setattr(runner_module, "COMMIT_BATCH", 3)
-    server = fake()
-    await sync_to_async(use_external)(server.base_url)
-    scan = await sync_to_async(new_scan)(owner, tmp_path, 3, options={"concurrency": 1})
-    runner = Runner(max_in_flight=1)
-    runner._committer._may_wait = lambda: True
-
-    assert await runner.run_scan(scan.pk) == Scan.Status.DONE
-    assert committed_batches == [3]
-    assert sorted(r["page_marker"] for r in server.requests()) == [1, 2, 3]

@@ -124,32 +124,3 @@ def test_claims_give_cpu_scans_at_most_the_cpu_room_and_say_which_pages_they_are
     assert {claim.page.scan_id for claim in claims if claim.cpu} == {cpu.pk}
     # Without the predicate nothing counts as CPU work (the claim as before).
     assert {claim.cpu for claim in services.claim_pages(worker_id="w1", slots=4, cpu_slots=0)} == {False}
-
-
-@pytest.mark.django_db
-def test_answered_pages_waiting_for_their_commit_are_not_in_flight():
-    users = get_user_model()
-    alice, bob = users.objects.create_user("alice"), users.objects.create_user("bob")
-
-    def queued(owner, pages: int, **fields) -> Scan:
-        row = Scan.objects.create(owner=owner, file="x.pdf", original_filename="x.pdf", content_type="application/pdf",
-                                  size=1, sha256="0" * 64, page_count=pages, **fields)
-        services.create_pages(row)
-        return row
-
-    capped = queued(alice, 10, options={"concurrency": 2})
-    assert len(services.claim_pages(worker_id="w1", slots=5)) == 2  # the scan's concurrency
-    assert services.claim_pages(worker_id="w1", slots=5) == []
-    # Both answers arrived and wait for their commit: the scan has nothing in flight any more.
-    claimed = services.claim_pages(worker_id="w1", slots=5, answered={capped.pk: 2})
-    assert [(c.page.scan_id, c.page.number) for c in claimed] == [(capped.pk, 3), (capped.pk, 4)]
-
-    # Fairness counts pages in flight too. Bob's first scan has 4 pages running, his second none. With
-    # every running page answered, nobody has anything in flight: Alice and Bob get a slot each, and
-    # Bob's goes to his older scan (counting running pages, both slots would go to his second scan).
-    first = queued(bob, 10)
-    assert len(services.claim_pages(worker_id="w1", slots=4, scan_ids=[first.pk])) == 4
-    second = queued(bob, 10)
-    shared = services.claim_pages(worker_id="w1", slots=2, answered={capped.pk: 4, first.pk: 4})
-    assert Counter(c.page.scan_id for c in shared) == {capped.pk: 1, first.pk: 1}
-    assert second.pk not in {c.page.scan_id for c in shared}
