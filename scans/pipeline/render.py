@@ -53,7 +53,7 @@ def pdfium_lock() -> Iterator[None]:
 
 def render_executor() -> ThreadPoolExecutor:
     """The RENDER_THREADS threads that render a runner's pages. Lowers the process's GIL switch interval
-    to RENDER_SWITCH_INTERVAL_S (never raises it)."""
+    to RENDER_SWITCH_INTERVAL_S (never raises it) for the rest of the process's life, for every thread."""
     sys.setswitchinterval(min(sys.getswitchinterval(), RENDER_SWITCH_INTERVAL_S))
     return ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
 

@@ -170,7 +170,7 @@ class _Committer:
                 commits = await sync_to_async(services.commit_page_results)(
                     worker_id=self.worker_id, outcomes=[outcome for outcome, _ in batch]
                 )
-            except Exception as exc:  # e.g. the database stayed locked: those pages go back to pending
+            except Exception as exc:  # e.g. the database stayed locked: each page's task gives its page back
                 logger.exception("Could not commit %d page result(s)", len(batch))
                 for _, future in batch:
                     if not future.done():
@@ -208,8 +208,9 @@ class Runner:
         # Of those, the pages a CPU engine reads: at most cpu.claim_limit() (the process's cores plus a
         # look-ahead), so the rest wait in the database rather than as rendered images for a core.
         self._cpu_pages: set[tuple[int, int]] = set()
-        # Of those, the pages not rendered yet. While some wait for a render thread, the model server is
-        # not short of work, and free slots are claimed together (fewer transactions per page).
+        # Of those, the pages waiting for a render thread (not those whose scan is still being set up, e.g.
+        # waiting for a Local model server to start). While some wait, the model server is not short of
+        # work: free slots are claimed together, and results wait to share a transaction (_Committer).
         self._unrendered: set[tuple[int, int]] = set()
         self._mode = "builtin"  # the configured mode (which scans a CPU engine reads), refreshed by _poll
         self._works: dict[WorkKey, asyncio.Future[_ScanWork]] = {}
@@ -363,7 +364,6 @@ class Runner:
             page = claim.page
             if claim.cpu:
                 self._cpu_pages.add((page.scan_id, page.number))
-            self._unrendered.add((page.scan_id, page.number))
             self._tasks[(page.scan_id, page.number)] = asyncio.create_task(
                 self._page(page), name=f"page-{page.scan_id}-{page.number}"
             )
@@ -477,6 +477,7 @@ class Runner:
             await progress.apublish_page(page)
             try:
                 work = await self._work(scan_id, page.reocr_options)
+                self._unrendered.add((scan_id, number))
                 image = await work.source.render(number)
                 self._rendered((scan_id, number))
                 if isinstance(image, RenderFailure):
@@ -492,7 +493,11 @@ class Runner:
                 result = PageResult(text="", status="failed", error=exc.message)
             future = self._committer.submit(scan_id, number, result, work.engine if work else None)
             handed_over = True
-            commit = await asyncio.shield(future)
+            try:
+                commit = await asyncio.shield(future)
+            except Exception:  # the transaction failed (logged): the page goes back to pending, to be read again
+                handed_over = False
+                return
             if commit.page is not None:
                 metrics.page_finished(
                     engine=work.engine.name if work else "", status=result.status, seconds=time.monotonic() - claimed_at,

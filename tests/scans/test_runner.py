@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
+from django.db import OperationalError
 from django.utils import timezone
 
 from scans import exports, services
@@ -333,3 +334,89 @@ async def test_a_full_batch_and_the_window_end_the_wait(owner, tmp_path, monkeyp
     monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 0.05)
     commit = await committer.submit(scan.pk, 3, result(3))
     assert committed_batches == [2, 1] and commit.scan_status == Scan.Status.DONE
+
+
+async def test_a_commit_that_fails_gives_its_pages_back_to_be_read_again(fake, owner, tmp_path, monkeypatch):
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 2)
+    commit = services.commit_page_results
+    failures = [OperationalError("database is locked")]
+
+    def failing_once(*, worker_id, outcomes):
+        if failures:
+            raise failures.pop()
+        return commit(worker_id=worker_id, outcomes=outcomes)
+
+    monkeypatch.setattr(services, "commit_page_results", failing_once)
+
+    assert await Runner(max_in_flight=1).run_scan(scan.pk) == Scan.Status.DONE
+    assert [(page.number, page.status) for page in await pages_of(scan)] == [(1, Page.Status.DONE), (2, Page.Status.DONE)]
+    assert sorted(r["page_marker"] for r in server.requests()) == [1, 1, 2]  # page 1's lost answer was asked again
+
+
+async def waiting_for_a_local_server(monkeypatch) -> asyncio.Event:
+    """Scans on the configured server wait in their setup until the returned event is set (a Local model
+    server starting, which can take minutes)."""
+    started = asyncio.Event()
+
+    async def ensure_ready(config):
+        await started.wait()
+
+    monkeypatch.setattr(runner_module.runtime, "ensure_ready", ensure_ready)
+    return started
+
+
+async def test_pages_whose_scan_waits_for_its_server_neither_hold_back_claims_nor_commits(fake, owner, tmp_path, monkeypatch):
+    # Seven of eight slots hold pages of a scan waiting for its model server to start. The other slot
+    # reads another user's scan on its own server, page after page, each committed at once: no page
+    # waits for a render thread (the window would time the test out).
+    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 3600)
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    started = await waiting_for_a_local_server(monkeypatch)
+    waiting = await sync_to_async(new_scan)(owner, tmp_path, 7, name="waits.pdf")  # on the configured server
+    runner = Runner(max_in_flight=8)
+    task = asyncio.create_task(runner.run_forever())
+    try:
+        await eventually(lambda: running_pages(waiting, 7))
+        bob = await get_user_model().objects.acreate_user("bob", password="x")
+        other = await sync_to_async(new_scan)(
+            bob, tmp_path, 4, name="other.pdf", options={"base_url": server.base_url, "model": MODEL}
+        )
+        await eventually(lambda: all_done(other))
+        assert await running_pages(waiting, 7)
+    finally:
+        started.set()
+        await runner.stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def running_pages(scan: Scan, count: int) -> bool:
+    return await Page.objects.filter(scan=scan, status=Page.Status.RUNNING).acount() == count
+
+
+async def all_done(scan: Scan) -> bool:
+    return not await Page.objects.filter(scan=scan).exclude(status=Page.Status.DONE).aexists()
+
+
+async def test_a_scans_concurrency_is_never_exceeded(fake, owner, tmp_path, monkeypatch):
+    reading: dict[int, list[int]] = {}  # scan id -> [pages being read now, most read at once]
+    read = Runner._read
+
+    async def counting(self, work, image):
+        counts = reading.setdefault(work.scan.pk, [0, 0])
+        counts[0] += 1
+        counts[1] = max(counts[1], counts[0])
+        try:
+            return await read(self, work, image)
+        finally:
+            counts[0] -= 1
+
+    monkeypatch.setattr(Runner, "_read", counting)
+    server = fake(FAKE_VLLM_LATENCY=0.3)
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 12, options={"concurrency": 2})
+
+    assert await Runner(max_in_flight=8).run_scan(scan.pk) == Scan.Status.DONE
+    assert 1 <= reading[scan.pk][1] <= 2
