@@ -29,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from asgiref.sync import sync_to_async
+from django.db import OperationalError
 
 from ocrsite.env import env_int
 from scans import metrics, progress, selectors, services
@@ -166,19 +167,29 @@ class _Committer:
                 break
         while self._pending:
             batch, self._pending = self._pending[:COMMIT_BATCH], self._pending[COMMIT_BATCH:]
-            try:
-                commits = await sync_to_async(services.commit_page_results)(
-                    worker_id=self.worker_id, outcomes=[outcome for outcome, _ in batch]
-                )
-            except Exception as exc:  # e.g. the database stayed locked: each page's task gives its page back
-                logger.exception("Could not commit %d page result(s)", len(batch))
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), commit in zip(batch, commits):
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[services.PageOutcomeToCommit, asyncio.Future[services.PageCommit]]]) -> None:
+        """Store the batch in one transaction and settle its futures. If it fails for something other than
+        the database being unavailable (e.g. one result PostgreSQL refuses), each result is tried alone, so
+        that one cannot cost the others theirs."""
+        try:
+            commits = await sync_to_async(services.commit_page_results)(
+                worker_id=self.worker_id, outcomes=[outcome for outcome, _ in batch]
+            )
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, OperationalError):
+                for one in batch:
+                    await self._commit([one])
+                return
+            logger.exception("Could not store %d page result(s)", len(batch))
+            for _, future in batch:
                 if not future.done():
-                    future.set_result(commit)
+                    future.set_exception(exc)
+            return
+        for (_, future), commit in zip(batch, commits):
+            if not future.done():
+                future.set_result(commit)
 
     async def drain(self) -> None:
         if self._flusher is not None:
@@ -495,9 +506,16 @@ class Runner:
             handed_over = True
             try:
                 commit = await asyncio.shield(future)
-            except Exception:  # the transaction failed (logged): the page goes back to pending, to be read again
+            except OperationalError:  # the database is unavailable (logged): the page will be read again
                 handed_over = False
                 return
+            except Exception as exc:  # this result cannot be stored (logged): the page fails, saying why
+                result = PageResult(text="", status="failed", error=f"The result could not be stored: {type(exc).__name__}: {exc}")
+                try:
+                    commit = await asyncio.shield(self._committer.submit(scan_id, number, result))
+                except Exception:
+                    handed_over = False
+                    return
             if commit.page is not None:
                 metrics.page_finished(
                     engine=work.engine.name if work else "", status=result.status, seconds=time.monotonic() - claimed_at,

@@ -420,3 +420,44 @@ async def test_a_scans_concurrency_is_never_exceeded(fake, owner, tmp_path, monk
 
     assert await Runner(max_in_flight=8).run_scan(scan.pk) == Scan.Status.DONE
     assert 1 <= reading[scan.pk][1] <= 2
+
+
+def refusing_page_2(monkeypatch) -> None:
+    """The database refuses page 2's text, as PostgreSQL refuses a NUL character in a string."""
+    commit = services.commit_page_results
+
+    def refusing(*, worker_id, outcomes):
+        if any(outcome.number == 2 and outcome.result.status == Page.Status.DONE for outcome in outcomes):
+            raise ValueError("A string literal cannot contain NUL (0x00) characters.")
+        return commit(worker_id=worker_id, outcomes=outcomes)
+
+    monkeypatch.setattr(services, "commit_page_results", refusing)
+
+
+async def test_a_result_the_database_refuses_costs_no_other_result_of_its_transaction(owner, tmp_path, monkeypatch, committed_batches):
+    refusing_page_2(monkeypatch)
+    monkeypatch.setattr(runner_module, "COMMIT_WINDOW_S", 3600)
+    scan = await claimed_scan(owner, tmp_path, 3)
+    waiting_for_rendering = True
+    committer = runner_module._Committer("w1", may_wait=lambda: waiting_for_rendering)
+    futures = [committer.submit(scan.pk, number, result(number)) for number in (1, 2, 3)]
+    waiting_for_rendering = False
+    committer.nudge()
+
+    settled = await asyncio.gather(*futures, return_exceptions=True)
+    assert committed_batches == [1, 1]  # the three together were refused; then pages 1 and 3 alone
+    assert [commit.page.number for commit in (settled[0], settled[2])] == [1, 3]
+    assert isinstance(settled[1], ValueError)
+
+
+async def test_a_page_whose_result_cannot_be_stored_fails_saying_why_and_is_not_read_again(fake, owner, tmp_path, monkeypatch):
+    refusing_page_2(monkeypatch)
+    server = fake()
+    await sync_to_async(use_external)(server.base_url)
+    scan = await sync_to_async(new_scan)(owner, tmp_path, 3)
+
+    assert await Runner(max_in_flight=3).run_scan(scan.pk) == Scan.Status.DONE_WITH_ERRORS
+    pages = await pages_of(scan)
+    assert [page.status for page in pages] == [Page.Status.DONE, Page.Status.FAILED, Page.Status.DONE]
+    assert pages[1].error == "The result could not be stored: ValueError: A string literal cannot contain NUL (0x00) characters."
+    assert sorted(r["page_marker"] for r in server.requests()) == [1, 2, 3]
