@@ -62,8 +62,9 @@ def upload(request: HttpRequest) -> HttpResponse:
         if created and len(created) == len(files):
             return redirect("scans:detail", scan_id=created[0].pk) if len(created) == 1 else redirect("scans:list")
     limits = {"max_files": settings.OCRSITE_MAX_UPLOAD_FILES, "max_request_mb": settings.OCRSITE_MAX_UPLOAD_REQUEST_MB}
-    priorities = [(value, label) for value, label in Scan.Priority.choices]
-    return render(request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED, "priorities": priorities, **limits})
+    return render(
+        request, "scans/upload.html", {"accept": ACCEPT, "supported": SUPPORTED, "priorities": Scan.Priority.choices, **limits}
+    )
 
 
 @login_required

@@ -23,13 +23,16 @@ def same_server(url: str, other: str) -> bool:
     if not url.strip() or not other.strip():
         return not url.strip() and not other.strip()
     try:
-        a, b = urlsplit(url.strip()), urlsplit(other.strip())
-        default = {"http": 80, "https": 443}
-        return (a.scheme.lower(), a.hostname, a.port or default.get(a.scheme.lower())) == (
-            b.scheme.lower(), b.hostname, b.port or default.get(b.scheme.lower())
-        )
+        return _origin(url) == _origin(other)
     except ValueError:
         return False
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) with the scheme's default port; raises ValueError for a malformed port."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 def keep_hidden_credentials(submitted: str, saved: str) -> str:
