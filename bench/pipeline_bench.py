@@ -9,6 +9,11 @@
     ideal 32 / 2 = 16 (target >= 90 %): whether the pipeline keeps the model server busy.
 (c) peak RSS of the `manage.py ocr` process for a 50-page and a 500-page PDF (target <= 400 MB, no growth).
 
+(a) also gives the CPU time each way spends per page, the double's own included where it serves: on 2
+cores rendering alone keeps both busy, so whatever the pipeline adds per page is taken from rendering.
+The pipeline's is `manage.py ocr`'s CPU time beyond that of the same command on a 1-page PDF (Django's
+start-up and the runner's are not per page), divided by the other pages.
+
 Every `manage.py ocr` run uses a fresh data directory (SQLite) and the pages/s that the command itself
 reports: from the runner's start (Django's start-up excluded; the runner's own, its first claim and its
 first render included) to the last page committed.
@@ -21,14 +26,19 @@ import asyncio
 import logging
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -42,6 +52,7 @@ MODEL = "bench/model"
 LONGEST_SIDE = 1288
 ROUNDS = 3
 SUMMARY = re.compile(r"Summary: .*?(\d+) pages, (\d+) failed.*?([\d.]+) pages/s")
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,6 +62,7 @@ class OcrRun:
     pages_per_s: float
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float  # the whole process's: Django's start-up and writing the outputs included
 
 
 @dataclass
@@ -84,6 +96,19 @@ async def render_all(path: Path, pages: int, on_page, concurrency: int) -> None:
             tasks.append(asyncio.create_task(one(number)))
         await asyncio.gather(*tasks)
         source.close()
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, all threads (the double and `manage.py ocr` are other processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured_cpu(function: Callable[[], T]) -> tuple[T, float]:
+    """function()'s result and the CPU seconds this process spent in it."""
+    before = cpu_seconds()
+    result = function()
+    return result, cpu_seconds() - before
 
 
 def raw_render_rate(path: Path, pages: int) -> float:
@@ -149,6 +174,18 @@ class Double:
         wait_until(lambda: port_open(self.port), timeout=30, message="the vLLM test double")
         self.base_url = f"http://127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """CPU time so far of the double's processes (its API server and the engine processes it mimics)."""
+        server = psutil.Process(self.process.pid)
+        total = 0.0
+        for process in [server, *server.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
     def __enter__(self) -> Double:
         return self
 
@@ -184,7 +221,7 @@ def run_ocr(workdir: Path, pdf: Path, double: Double, concurrency: int) -> OcrRu
     match = SUMMARY.search(stdout)
     if not match:
         raise SystemExit(f"manage.py ocr printed no summary (exit {process.returncode}):\n{stdout}")
-    return OcrRun(int(match[1]), int(match[2]), float(match[3]), wall, usage.ru_maxrss / 1024)
+    return OcrRun(int(match[1]), int(match[2]), float(match[3]), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime)
 
 
 def main() -> None:
@@ -200,6 +237,7 @@ def main() -> None:
     try:
         print(f"Building test PDFs in {workdir} ...", flush=True)
         pdf_a = make_pdf(workdir / "a.pdf", pages_a)
+        pdf_one = make_pdf(workdir / "one.pdf", 1)
         pdf_b = make_pdf(workdir / "b.pdf", pages_b)
         pdf_small = make_pdf(workdir / "small.pdf", small)
         pdf_large = make_pdf(workdir / "large.pdf", large)
@@ -208,15 +246,29 @@ def main() -> None:
         # This machine's speed drifts by +-15 % within minutes, so the three measurements take turns,
         # ROUNDS times, and the medians are compared.
         raws, loops, runs, wrong = [], [], [], 0
+        cpu: dict[str, list[float]] = {"raw": [], "loop": [], "pipeline": [], "double (loop)": [], "double (pipeline)": []}
         with Double(workdir) as double:
             for _ in range(ROUNDS):
-                raws.append(raw_render_rate(pdf_a, pages_a))
-                loop, wrong_now = engine_loop_rate(pdf_a, pages_a, double.base_url, concurrency=16)
+                rate, seconds = measured_cpu(lambda: raw_render_rate(pdf_a, pages_a))
+                raws.append(rate)
+                cpu["raw"].append(seconds)
+                served = double.cpu_seconds()
+                (loop, wrong_now), seconds = measured_cpu(
+                    lambda: engine_loop_rate(pdf_a, pages_a, double.base_url, concurrency=16)
+                )
                 loops.append(loop)
+                cpu["loop"].append(seconds)
+                cpu["double (loop)"].append(double.cpu_seconds() - served)
                 wrong += wrong_now
+                served = double.cpu_seconds()
                 runs.append(run_ocr(workdir, pdf_a, double, concurrency=16))
+                served = double.cpu_seconds() - served
+                start_up = run_ocr(workdir, pdf_one, double, concurrency=16).cpu_s
+                cpu["pipeline"].append((runs[-1].cpu_s - start_up) * pages_a / (pages_a - 1))
+                cpu["double (pipeline)"].append(served)
         raw, loop_rate = statistics.median(raws), statistics.median(loops)
         run_a = sorted(runs, key=lambda run: run.pages_per_s)[len(runs) // 2]
+        per_page = {name: 1000 * statistics.median(values) / pages_a for name, values in cpu.items()}
         ratio_a = run_a.pages_per_s / raw
         ratio_loop = loop_rate / raw
         rows.append(Row("(a) raw render+encode", f"{raw:.1f} pages/s", "", "", "", None))
@@ -228,6 +280,17 @@ def main() -> None:
             f"(a) pipeline, 0 latency, {pages_a} pages", f"{run_a.pages_per_s:.1f} pages/s", f"{raw:.1f} (raw)",
             f"{ratio_a:.0%}", ">= 85 %", ratio_a >= 0.85 and run_a.failed == 0,
         ))
+        raw_cpu = per_page["raw"]
+        for name, process, server in (
+            ("raw render+encode", per_page["raw"], 0.0),
+            ("render+OCR loop, no DB", per_page["loop"], per_page["double (loop)"]),
+            ("pipeline", per_page["pipeline"], per_page["double (pipeline)"]),
+        ):
+            with_server = f" + {server:.1f} (double)" if server else ""
+            rows.append(Row(
+                f"(a) CPU per page, {name}", f"{process:.1f} ms{with_server}", f"{raw_cpu:.1f} ms (raw)",
+                f"{(process + server) / raw_cpu:.2f}x", "", None,
+            ))
 
         print("(b) manage.py ocr against a double with 2 s latency and capacity 32 ...", flush=True)
         with Double(workdir, FAKE_VLLM_LATENCY="2", FAKE_VLLM_CAPACITY="32") as double:
