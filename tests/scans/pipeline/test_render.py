@@ -247,14 +247,15 @@ def test_pixels_are_converted_after_the_pdfium_lock_is_released(tmp_path: Path, 
     with render.PdfPages(path) as pages:
         image = pages.render(2, longest_side=600)
     assert held_while_converting == [False]
-    pdf = pdfium.PdfDocument(str(path))
-    try:
+    with render.pdfium_lock():  # pypdfium2's own way, everything closed under the lock
+        pdf = pdfium.PdfDocument(str(path))
         pdf.init_forms()
         page = pdf[1]
         width, height = page.get_size()
-        expected = to_pil(page.render(scale=(600 - 1e-6) / max(width, height), may_draw_forms=True, draw_annots=True))
+        bitmap = page.render(scale=(600 - 1e-6) / max(width, height), may_draw_forms=True, draw_annots=True)
+        expected = to_pil(bitmap).copy()
+        bitmap.close()
         page.close()
-    finally:
         pdf.close()
     assert image.size == expected.size
     assert image.tobytes() == expected.convert(image.mode).tobytes()
