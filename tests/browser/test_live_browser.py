@@ -102,6 +102,7 @@ def test_script_in_page_text_renders_inert(page, server, tmp_path: Path):
 
 
 def test_settings_page_stop_start_and_test_connection_buttons(page, server):
+    server.release_model_server()  # already released when the module's tests run in order
     page.goto(f"{server.url}/settings/")
     page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
     page.click("#test-connection-button")
@@ -110,6 +111,8 @@ def test_settings_page_stop_start_and_test_connection_buttons(page, server):
 
     page.click("#server-controls button:has-text('Stop')")
     page.wait_for_selector("#server-status[data-state=stopped]", timeout=30_000)
+    # The live status may arrive before the POST's answer: wait for the answer, then check it.
+    page.wait_for_function("() => document.querySelector('#server-control-result').textContent !== '…'")
     assert page.locator("#server-control-result").inner_text() == "The vLLM server was stopped."
     page.click("#server-controls button:has-text('Start')")
     page.wait_for_selector("#server-status[data-state=ready]", timeout=60_000)
