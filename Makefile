@@ -34,8 +34,13 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python manage.py serve --host $(HOST) --port $(PORT)
 
+# Two processes (pytest-xdist) on 2 cores: 6 minutes instead of 9. A file's tests stay in one process, in
+# order, sharing its module fixtures (a browser test module's server). Every test already has its own
+# ports, data directory, PostgreSQL database and Redis prefix.
+TEST_PROCESSES ?= 2
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/pipeline_bench.py
