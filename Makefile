@@ -36,7 +36,7 @@ run: setup
 
 # Two processes (pytest-xdist) on 2 cores: 6 minutes instead of 9. A file's tests stay in one process, in
 # order, sharing its module fixtures (a browser test module's server). Every test already has its own
-# ports, data directory, PostgreSQL database and Redis prefix.
+# ports, data directory, PostgreSQL database and Redis prefix or database.
 TEST_PROCESSES ?= 2
 
 test: $(VENV)/.installed-dev
