@@ -48,7 +48,7 @@ from PIL import (
     WebPImagePlugin,
 )
 
-from scans.pipeline.types import PageWarning, ScanWarning
+from scans.pipeline.types import DocumentClosed, PageWarning, ScanWarning
 
 JPEG, PNG, TIFF, WEBP, GIF = "JPEG", "PNG", "TIFF", "WEBP", "GIF"
 
@@ -636,6 +636,8 @@ class ImageDocument:
         if number < 1 or (self._tiff is None and number != 1):
             raise ValueError(f"{self.path.name} has no page {number}.")
         with self._lock:
+            if self._handle.closed:
+                raise DocumentClosed(f"{self.path.name} was closed.")
             if self.format == PNG:
                 return self._decode_png(longest_side, probe)
             if self.format == JPEG:

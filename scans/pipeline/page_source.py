@@ -13,7 +13,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from scans.pipeline.render import Document, open_document, render_page
-from scans.pipeline.types import PageImage, RenderFailure
+from scans.pipeline.types import DocumentClosed, PageImage, RenderFailure
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class PageSource:
             return await loop.run_in_executor(
                 self._executor, render_page, document, self.path, number, self.longest_side, self.image_format, rotation
             )
+        except DocumentClosed:  # the scan was cancelled or deleted meanwhile: nothing went wrong
+            return RenderFailure(number, "The page was not rendered: its scan was cancelled or deleted.")
         except (ValueError, OSError) as exc:  # what a damaged page raises (render_page's contract)
             logger.warning("Page %s of %s could not be rendered: %s", number, self.path.name, _describe(exc))
             return RenderFailure(number, f"The page could not be rendered: {_describe(exc)}")

@@ -22,7 +22,7 @@ import pypdfium2 as pdfium
 from PIL import Image, ImageChops
 
 from scans.imaging import ImageDocument
-from scans.pipeline.types import PageImage, PageWarning, ScanWarning
+from scans.pipeline.types import DocumentClosed, PageImage, PageWarning, ScanWarning
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +101,7 @@ class PdfPages:
     holds (or entries that are not pages) gives fewer pages, and `warnings` says so."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         with pdfium_lock():
             self._pdf = pdfium.PdfDocument(str(path))
             try:
@@ -113,12 +114,15 @@ class PdfPages:
                 raise
         self._indices: list[int] = []  # the PDFium index of each page that loads
         self._checked = 0
+        self._closed = False
         self.warnings: list[ScanWarning] = []
 
     def page_count(self, limit: int | None = None) -> int:
         """How many pages load; with `limit`, counting stops once it is passed (the result is then
-        limit + 1)."""
+        limit + 1). Raises DocumentClosed once closed."""
         with pdfium_lock():
+            if self._closed:
+                raise DocumentClosed(f"{self.path.name} was closed.")
             while self._checked < self.claimed and (limit is None or len(self._indices) <= limit):
                 try:
                     self._pdf.get_page_size(self._checked)  # finds the page object without parsing it
@@ -196,6 +200,7 @@ class PdfPages:
 
     def close(self) -> None:
         with pdfium_lock():
+            self._closed = True
             self._pdf.close()
 
     def __enter__(self) -> PdfPages:

@@ -23,6 +23,11 @@ class PageImage:
     warnings: tuple["PageWarning", ...] = ()  # e.g. decoded partially: carried to the page's outcome
 
 
+class DocumentClosed(ValueError):
+    """A page was to be rendered from a document already closed: the runner closes a scan's document when
+    the scan is cancelled or deleted, and a render already under way may then reach it."""
+
+
 @dataclass(frozen=True)
 class RenderFailure:
     """A page that could not be rendered: it fails alone, with `message` as its error."""

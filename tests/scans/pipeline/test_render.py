@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ from scans.pipeline.render import (
     pdf_page_text,
     render_page_sync,
 )
-from scans.pipeline.types import RenderFailure
+from scans.pipeline.types import DocumentClosed, RenderFailure
 from tests.fakes.pages import make_image, make_pdf, make_tiff, read_marker
 
 PDF = "application/pdf"
@@ -260,6 +261,23 @@ def test_pixels_are_converted_after_the_pdfium_lock_is_released(tmp_path: Path, 
     assert image.size == expected.size
     assert image.tobytes() == expected.convert(image.mode).tobytes()
     assert read_marker(image) == 2
+
+
+@pytest.mark.parametrize("kind", ["pdf", "tiff"])
+async def test_a_render_that_reaches_a_closed_document_fails_quietly(tmp_path: Path, executor, caplog, kind: str) -> None:
+    """The runner closes a scan's document when the scan is cancelled or deleted; a render already under
+    way then fails its page, saying why, and logs nothing (it was logged as a bug, with a traceback)."""
+    path = make_pdf(tmp_path / "d.pdf", 2) if kind == "pdf" else make_tiff(tmp_path / "d.tiff", 2)
+    source = PageSource(path, PDF if kind == "pdf" else "image/tiff", longest_side=300, image_format="png", executor=executor)
+    assert read_marker(decode(await source.render(1))) == 1
+    document = await source._document()  # the one a render already under way holds
+    document.close()
+    with pytest.raises(DocumentClosed):
+        render.render_page(document, path, 2, 300, "png")
+    caplog.clear()
+    failure = await source.render(2)
+    assert failure == RenderFailure(2, "The page was not rendered: its scan was cancelled or deleted.")
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 async def test_async_rendering_shares_the_lock_with_other_callers(tmp_path: Path, executor) -> None:
