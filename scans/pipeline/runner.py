@@ -381,6 +381,7 @@ class Runner:
         return len(claims)
 
     def _rendered(self, key: tuple[int, int]) -> None:
+        """The page no longer waits for a render thread (it was rendered, or its task ended)."""
         self._unrendered.discard(key)
         if not self._unrendered:  # the free slots held back for a batch can be claimed now
             self._wake.set()
@@ -539,8 +540,7 @@ class Runner:
         finally:
             self._tasks.pop((scan_id, number), None)
             self._cpu_pages.discard((scan_id, number))
-            self._unrendered.discard((scan_id, number))
-            self._committer.nudge()
+            self._rendered((scan_id, number))
             if not handed_over:
                 await asyncio.shield(
                     sync_to_async(services.release_pages)(worker_id=self.worker_id, scan_id=scan_id, numbers=[number])
