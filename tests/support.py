@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from vllm_control.processes import GroupRecord, group_members, signal_group
+from vllm_control.processes import GroupRecord, group_members, is_live, signal_group
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_VLLM = REPO / "tests" / "fakes" / "vllm"
@@ -45,9 +45,9 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, message: str =
 
 
 def pid_alive(pid: int) -> bool:
-    """`pid` is a running process (not a zombie waiting for its parent)."""
+    """`pid` is a running process (not one that exited and waits for its parent: `is_live`)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return is_live(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return False
 
@@ -61,7 +61,7 @@ def processes_with_marker(marker: str) -> list[int]:
     pids = []
     for process in psutil.process_iter():
         try:
-            if process.environ().get("OCRSITE_TEST_MARKER") == marker and process.status() != psutil.STATUS_ZOMBIE:
+            if process.environ().get("OCRSITE_TEST_MARKER") == marker and is_live(process):
                 pids.append(process.pid)
         except psutil.Error:
             continue

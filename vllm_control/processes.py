@@ -48,15 +48,25 @@ class ProcessIdentity:
 
 
 def group_processes(pgid: int) -> list[psutil.Process]:
-    """The live (not zombie) processes in process group `pgid`."""
+    """The live processes in process group `pgid` (`is_live`)."""
     members = []
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == pgid and process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            if os.getpgid(process.pid) == pgid and is_live(process):
                 members.append(process)
         except (ProcessLookupError, psutil.Error):
             continue
     return members
+
+
+def is_live(process: psutil.Process) -> bool:
+    """Not exited. A process whose main thread has ended shows as a zombie while its other threads run
+    on, e.g. while they are still being torn down after SIGKILL: it is live until only that thread is
+    left (Linux's Threads count). Raises psutil.Error when the process is gone."""
+    status = process.status()
+    if status == psutil.STATUS_ZOMBIE:
+        return process.num_threads() > 1
+    return status != psutil.STATUS_DEAD
 
 
 def group_members(pgid: int) -> list[int]:

@@ -32,7 +32,7 @@ from tests.support import (
     watchdogs_of,
 )
 from tests.vllm_control.conftest import MODEL, read_until
-from vllm_control.processes import group_members
+from vllm_control.processes import group_members, is_live
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -80,9 +80,9 @@ def renamed_group(env) -> int:
 
 
 def gone(process: psutil.Process) -> bool:
-    """Exited (an orphan's zombie, waiting for init to reap it, counts as exited)."""
+    """Exited (an orphan's zombie, waiting for init to reap it, counts as exited: `is_live`)."""
     try:
-        return process.status() == psutil.STATUS_ZOMBIE
+        return not is_live(process)
     except psutil.NoSuchProcess:
         return True
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,6 +117,25 @@ async def test_when_the_command_exits_the_rest_of_its_group_is_killed_and_its_st
     assert (await server.process.stdout.read()).decode() == "started\n"
     assert group_members(server.pid) == [] and not any(pid_alive(pid) for pid in child)
     server.release()
+
+
+# Its main thread ends while another thread, deaf to SIGTERM, runs on: the main thread then shows as a
+# zombie though the process lives (as a killed multi-threaded vLLM does while its threads are torn down).
+HEADLESS = (
+    "import ctypes, signal, threading, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "threading.Thread(target=time.sleep, args=(60,)).start(); ctypes.CDLL(None).pthread_exit(None)"
+)
+
+
+async def test_a_process_whose_main_thread_ended_is_live_until_its_last_thread_ends(tmp_path):
+    server = await watchdog.start([sys.executable, "-c", HEADLESS], env=dict(os.environ), stop_signal=signal.SIGTERM,
+                                  grace_ms=300, record=tmp_path / "record", output_limit=1 << 16)
+    await wait_for(lambda: psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE, 10, "the main thread to end")
+    assert group_members(server.pid) == [server.pid]
+    server.release()
+    # The watchdog used to take the group for gone at once and exit 1, leaving the process running.
+    assert await asyncio.wait_for(server.process.wait(), 15) == -signal.SIGKILL
+    assert group_members(server.pid) == [] and not pid_alive(server.pid)
 
 
 async def test_a_command_that_cannot_be_executed_is_an_oserror(tmp_path):
